@@ -1,0 +1,1 @@
+"""Accounts, their apps, packages (limits) and API keys."""

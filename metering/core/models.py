@@ -1,0 +1,7 @@
+"""Imports every model module, so the metadata is whole (for Alembic and the model check)."""
+
+from __future__ import annotations
+
+
+def import_all_models() -> None:
+    import metering.accounts.models  # noqa: F401, PLC0415

@@ -1,0 +1,95 @@
+"""One typed settings class, read from ``METERING_*`` environment variables."""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EMBEDDED_REDIS_URL = "memory://"
+
+
+class Settings(BaseSettings):
+    """Every setting of the engine. Durations accept seconds (``0.25``) or ISO 8601 (``PT3S``)."""
+
+    model_config = SettingsConfigDict(env_prefix="METERING_", extra="forbid")
+
+    database_url: str = "sqlite:///metering.db"
+    # The primary Redis: global live counts, the app registry, the tick's state, Celery's broker.
+    # ``memory://`` is the embedded in-process stand-in, good for one process only.
+    redis_url: str = EMBEDDED_REDIS_URL
+    # The datacenter this process runs in (a gateway writes its counts there).
+    datacenter: str = "local"
+    # Every datacenter's Redis, ``dc=url`` pairs separated by commas. Empty: one datacenter,
+    # ``datacenter``, whose counts live in the primary Redis.
+    datacenters: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # Prefix of every Redis key, so that several engines (or test runs) share one Redis.
+    redis_prefix: str = "metering"
+
+    liveness_timeout: timedelta = timedelta(seconds=3)
+    flush_interval: timedelta = timedelta(milliseconds=250)
+    flush_min_interval: timedelta = timedelta(milliseconds=20)
+    tick_interval: timedelta = timedelta(seconds=1)
+    # How many 1-second samples the live stream keeps for the rollups to read.
+    sample_retention: int = 86_400
+    registry_refresh_interval: timedelta = timedelta(seconds=30)
+    key_cache_ttl: timedelta = timedelta(seconds=10)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8001
+    gateway_frontend_id: str = "gw-1"
+    max_message_bytes: int = 64 * 1024
+    max_channel_length: int = 256
+    max_channels_per_connection: int = 200
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("datacenters", mode="before")
+    @classmethod
+    def _parse_datacenters(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            name, sep, url = item.partition("=")
+            if not sep or not name.strip() or not url.strip():
+                raise ValueError(f"expected dc=url pairs separated by commas, got {item!r}")
+            pairs[name.strip()] = url.strip()
+        return pairs
+
+    @field_validator("redis_prefix", "datacenter")
+    @classmethod
+    def _no_braces(cls, value: str) -> str:
+        # Both go inside a Redis Cluster hash tag, where braces and ':' would change the slot.
+        if not value or any(ch in value for ch in "{}: "):
+            raise ValueError("must be non-empty, without braces, colons or spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _durations_positive(self) -> Settings:
+        for name in ("liveness_timeout", "flush_interval", "tick_interval", "flush_min_interval"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be positive")
+        if self.flush_interval >= self.liveness_timeout:
+            raise ValueError("flush_interval must be shorter than liveness_timeout")
+        return self
+
+    @property
+    def datacenter_urls(self) -> dict[str, str]:
+        """Each datacenter and its Redis URL; by default this one, in the primary Redis."""
+        return dict(self.datacenters) or {self.datacenter: self.redis_url}
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url == EMBEDDED_REDIS_URL
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

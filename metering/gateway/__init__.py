@@ -1,0 +1,6 @@
+"""The SDK a frontend embeds, and the example realtime gateway built on it."""
+
+from metering.gateway.sdk import Meter
+from metering.live.store import Transport
+
+__all__ = ["Meter", "Transport"]
