@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from datetime import timedelta
 from typing import Annotated
 
@@ -10,6 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMBEDDED_REDIS_URL = "memory://"
+# Variables of the test suite and tooling, not of the engine.
+TEST_VARS = "METERING_TEST_"
 
 
 class Settings(BaseSettings):
@@ -50,6 +53,25 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    @field_validator(
+        "liveness_timeout",
+        "flush_interval",
+        "flush_min_interval",
+        "tick_interval",
+        "registry_refresh_interval",
+        "key_cache_ttl",
+        mode="before",
+    )
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        # Plain numbers are seconds ("0.25"); anything else goes to pydantic (ISO 8601).
+        if isinstance(value, str):
+            try:
+                return timedelta(seconds=float(value))
+            except ValueError:
+                return value
+        return value
+
     @field_validator("datacenters", mode="before")
     @classmethod
     def _parse_datacenters(cls, value: object) -> object:
@@ -70,6 +92,19 @@ class Settings(BaseSettings):
         if not value or any(ch in value for ch in "{}: "):
             raise ValueError("must be non-empty, without braces, colons or spaces")
         return value
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        # pydantic-settings ignores variables it does not know: a typo would go unnoticed.
+        known = {f"METERING_{name.upper()}" for name in type(self).model_fields}
+        unknown = sorted(
+            name
+            for name in os.environ
+            if name.startswith("METERING_") and name not in known and not name.startswith(TEST_VARS)
+        )
+        if unknown:
+            raise ValueError(f"unknown setting {', '.join(unknown)}")
+        return self
 
     @model_validator(mode="after")
     def _durations_positive(self) -> Settings:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from metering.core.logging import get_logger
-from metering.live.store import AsyncDatacenterReader, DatacenterStore, GlobalStore
+from metering.live.store import AsyncDatacenterReader, DatacenterStore, GlobalStore, Transport
 
 log = get_logger(__name__)
 
@@ -117,6 +117,5 @@ async def websocket_count(
     """The app's WebSocket connections open now, on all frontends of all datacenters."""
     total = 0
     for reader in readers.values():
-        w, _s, _l = await reader.connections(app, timeout=liveness_timeout)
-        total += w
+        total += await reader.connections(app, Transport.WEBSOCKET, timeout=liveness_timeout)
     return total

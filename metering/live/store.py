@@ -8,11 +8,14 @@ two in step. A datacenter's keys share the hash tag ``{<prefix>:<dc>}`` and the 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from itertools import islice
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from metering.core.redis import AsyncRedis, Redis
 
@@ -33,6 +36,9 @@ TRANSPORT_CODES: dict[Transport, str] = {
     Transport.STREAMING: "s",
     Transport.LONG_POLL: "l",
 }
+
+# The figures of a live value, in order: websocket, streaming, long_poll, channels.
+FIGURES = ("w", "s", "l", "c")
 
 FLUSH_OK = "ok"
 FLUSH_REPLACED = "replaced"
@@ -63,12 +69,49 @@ class _Script:
 
 FLUSH = _Script("flush")
 DEREGISTER = _Script("deregister")
-COLLECT = _Script("collect")
+PREPARE = _Script("prepare")
 READ = _Script("read")
-COMMIT = _Script("commit")
 
 # A read reaps at most this many dead frontends; the tick reaps the rest within a second.
 MAX_REAP = 100
+_CHUNK = 10_000
+# App -> account, per registry key, for the life of the process (see GlobalStore._owners).
+_OWNERS: dict[str, dict[str, str]] = {}
+_OWNER_CACHE_MAX = 2_000_000
+
+
+def _hmget_chunks(pipe: Any, key: str, fields: Sequence[str]) -> None:
+    """Queue HMGETs of ``fields`` in chunks (one command for a million fields is too big)."""
+    for start in range(0, len(fields), _CHUNK):
+        pipe.hmget(key, list(fields[start : start + _CHUNK]))
+
+
+def _joined(replies: Iterator[list[Any]], fields: Sequence[str]) -> list[Any]:
+    """The replies of the HMGETs ``_hmget_chunks`` queued for ``fields``, as one list."""
+    out: list[Any] = []
+    for _ in range(0, len(fields), _CHUNK):
+        out.extend(next(replies))
+    return out
+
+
+def _unpack(packed: Any) -> tuple[int, int, int, int]:
+    """A live value as stored: '<websocket> <streaming> <long_poll> <channels>'."""
+    if packed is None:
+        return (0, 0, 0, 0)
+    w, s, lp, c = packed.split()
+    return int(w), int(s), int(lp), int(c)
+
+
+def _ints(values: list[Any]) -> list[int]:
+    return [int(v) if v is not None else 0 for v in values]
+
+
+def _column(rows: Sequence[tuple[str, Any, tuple[int, ...]]], i: int) -> str:
+    return ",".join([str(after[i]) for _, _, after in rows])
+
+
+def _column_of(rows: Sequence[tuple[int, ...]], i: int) -> str:
+    return ",".join([str(r[i]) for r in rows])
 
 
 def _s(value: Any) -> str:
@@ -124,37 +167,49 @@ class DatacenterStore:
     def collect(
         self, *, cursor: int, trim_upto: int, timeout: float, epoch: str, full: bool = False
     ) -> Collected:
-        raw = COLLECT(
-            self.client,
-            [self.base],
-            [_ms(timeout), cursor, trim_upto, epoch, MAX_REAP, "1" if full else "0"],
+        """What changed after ``cursor`` (everything, with ``full``), with its value here.
+
+        The ids and the values are each read in one MULTI, a consistent snapshot. A value
+        newer than the returned sequence is fine: counts are absolute, and that change is
+        logged after the sequence, so the next tick reads it again.
+        """
+        raw_epoch, raw_seq = PREPARE(
+            self.client, [self.base], [_ms(timeout), trim_upto, epoch, MAX_REAP]
         )
-        conns: dict[str, tuple[int, int, int]] = {}
-        channels: dict[str, bool] = {}
-        for k in range(2, len(raw), 2):
-            member, value = _s(raw[k]), _s(raw[k + 1])
-            if member[0] == "a":
-                w, s, lp = value.split()
-                conns[member[2:]] = (int(w), int(s), int(lp))
-            else:
-                channels[member[2:]] = value == "1"
-        return Collected(epoch=_s(raw[0]), seq=int(raw[1]), conns=conns, channels=channels)
+        seq = int(raw_seq)
+        pipe = self.client.pipeline(transaction=True)
+        if full:
+            for code in "wsl":
+                pipe.hkeys(self.key(f"conns:{code}"))
+            pipe.hkeys(self.key("channels"))
+            *per_transport, chan_ids = pipe.execute()
+            app_ids = list(dict.fromkeys(a for ids in per_transport for a in ids))
+        else:
+            pipe.zrangebyscore(self.key("changes:apps"), f"({cursor}", seq)
+            pipe.zrangebyscore(self.key("changes:channels"), f"({cursor}", seq)
+            app_ids, chan_ids = pipe.execute()
+        apps = [_s(a) for a in app_ids]
+        channels = [_s(c) for c in chan_ids]
+        values, present = self.current(apps, channels)
+        return Collected(
+            epoch=_s(raw_epoch),
+            seq=seq,
+            conns=dict(zip(apps, values, strict=True)),
+            channels=dict(zip(channels, present, strict=True)),
+        )
 
     def current(
         self, apps: Sequence[str], channels: Sequence[str]
     ) -> tuple[list[tuple[int, int, int]], list[bool]]:
-        """Current values of some apps and channels here (no reaping: the tick just did it)."""
-        fields = [f"{app}|{code}" for app in apps for code in "wsl"]
-        conn_vals: list[int] = []
-        present: list[bool] = []
-        for i in range(0, len(fields), 30_000):
-            conn_vals += [int(v) if v else 0 for v in self.client.hmget(self.key("conns"), fields[i : i + 30_000])]
-        for i in range(0, len(channels), 10_000):
-            present += [bool(v) for v in self.client.hmget(self.key("channels"), list(channels[i : i + 10_000]))]
-        triples = [
-            (conn_vals[i], conn_vals[i + 1], conn_vals[i + 2]) for i in range(0, len(conn_vals), 3)
-        ]
-        return triples, present
+        """Current values of some apps and channels here, in one MULTI (a consistent snapshot)."""
+        pipe = self.client.pipeline(transaction=True)
+        for code in "wsl":
+            _hmget_chunks(pipe, self.key(f"conns:{code}"), apps)
+        _hmget_chunks(pipe, self.key("channels"), channels)
+        replies = iter(pipe.execute())
+        columns = [_ints(_joined(replies, apps)) for _ in range(3)]
+        present = [v is not None for v in _joined(replies, channels)]
+        return list(zip(*columns, strict=True)), present
 
     def incarnations(self) -> dict[str, int]:
         """Live incarnations and when each was last seen (ms, Redis clock)."""
@@ -168,12 +223,11 @@ class AsyncDatacenterReader:
         self.client = client
         self.base = f"{{{prefix}:{datacenter}}}"
 
-    async def connections(self, app: str, *, timeout: float) -> tuple[int, int, int]:
+    async def connections(self, app: str, transport: Transport, *, timeout: float) -> int:
         raw = await READ.acall(
-            self.client, [self.base], [_ms(timeout), MAX_REAP, f"{app}|w", f"{app}|s", f"{app}|l"]
+            self.client, [self.base], [_ms(timeout), MAX_REAP, TRANSPORT_CODES[transport], app]
         )
-        w, s, lp = (int(v) if v else 0 for v in raw)
-        return w, s, lp
+        return int(raw[0]) if raw[0] else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +248,6 @@ class LiveValue:
     def connections(self) -> int:
         return self.websocket + self.streaming + self.long_poll
 
-    @classmethod
-    def parse(cls, packed: str | bytes | None) -> LiveValue:
-        if not packed:
-            return cls(0, 0, 0, 0)
-        w, s, lp, c = (int(x) for x in _s(packed).split()[:4])
-        return cls(w, s, lp, c)
 
 
 class GlobalStore:
@@ -213,7 +261,11 @@ class GlobalStore:
         return f"{self.base}:{suffix}"
 
     def tick_state(self) -> TickState:
-        raw = {_s(k): _s(v) for k, v in self.client.hgetall(self.key("tick")).items()}
+        return self._tick_state(self.client.hgetall(self.key("tick")))
+
+    @staticmethod
+    def _tick_state(fields: dict[Any, Any]) -> TickState:
+        raw = {_s(k): _s(v) for k, v in fields.items()}
         second = int(raw["second"]) if "second" in raw else None
         epochs = {k[6:]: v for k, v in raw.items() if k.startswith("epoch:")}
         cursors = {k[7:]: int(v) for k, v in raw.items() if k.startswith("cursor:")}
@@ -234,31 +286,180 @@ class GlobalStore:
         *,
         maxlen: int,
     ) -> tuple[bool, int, int, int]:
-        args: list[Any] = [second, len(cursors)]
-        for dc, epoch, cursor in cursors:
-            args += [dc, epoch, cursor]
-        args.append(len(conns))
-        for app, (w, s, lp) in conns.items():
-            args += [app, w, s, lp]
-        args.append(len(channels))
-        for field, present in channels.items():
-            args += [field, 1 if present else 0]
-        args.append(maxlen)
-        raw = COMMIT(self.client, [self.base], args)
-        if int(raw[0]) != 1:
-            return False, 0, 0, 0
-        return True, int(raw[1]), int(raw[2]), int(raw[3])
+        """Store the new global values, the account sums and the sample, claiming ``second``.
+
+        Optimistic and atomic: the tick hash is WATCHed while the old values are read, and
+        every commit writes it, so of two ticks racing, the one that commits second fails
+        whole (MULTI/EXEC) and counts nothing. Returns (committed, gap, apps, accounts).
+        """
+        tick_key = self.key("tick")
+        with self.client.pipeline(transaction=True) as txn:
+            txn.watch(tick_key)
+            state = self._tick_state(txn.hgetall(tick_key))
+            if state.second is not None and second <= state.second:
+                return False, 0, 0, 0
+            for dc, epoch, cursor in cursors:
+                if state.epochs.get(dc) == epoch and cursor < state.cursors.get(dc, 0):
+                    return False, 0, 0, 0  # read older than the last commit
+
+            chan_ids = list(channels)
+            reads = self.client.pipeline(transaction=False)
+            _hmget_chunks(reads, self.key("live:channels"), chan_ids)
+            replies = iter(reads.execute())
+            was_active = [v is not None for v in _joined(replies, chan_ids)]
+
+            # Channels becoming active or idle move their app's channel count.
+            chan_delta: dict[str, int] = {}
+            opened: dict[str, int] = {}
+            chan_set: dict[str, int] = {}
+            chan_del: list[str] = []
+            for field, active, was in zip(chan_ids, channels.values(), was_active, strict=True):
+                if active == was:
+                    continue
+                app = field.split("|", 1)[0]
+                if active:
+                    chan_set[field] = 1
+                    chan_delta[app] = chan_delta.get(app, 0) + 1
+                    opened[app] = opened.get(app, 0) + 1
+                else:
+                    chan_del.append(field)
+                    chan_delta[app] = chan_delta.get(app, 0) - 1
+
+            apps = list(conns) + [a for a in chan_delta if a not in conns]
+            old = self._load("apps", apps)
+            changed: list[tuple[str, tuple[int, int, int, int], tuple[int, int, int, int]]] = []
+            for app, before in zip(apps, old, strict=True):
+                now = conns.get(app)
+                channels_now = before[3] + chan_delta.get(app, 0) if chan_delta else before[3]
+                if now is None:
+                    after = (before[0], before[1], before[2], channels_now)
+                else:
+                    after = (now[0], now[1], now[2], channels_now)
+                if after != before or app in opened:
+                    changed.append((app, before, after))
+
+            # An account's figures are the sum of its apps' at this tick: fold changes in.
+            owners = self._owners([app for app, _, _ in changed])
+            acct_delta: dict[str, list[int]] = {}
+            for (_app, b, a), owner in zip(changed, owners, strict=True):
+                if owner is not None:
+                    d = acct_delta.get(owner)
+                    if d is None:
+                        d = acct_delta[owner] = [0, 0, 0, 0]
+                    d[0] += a[0] - b[0]
+                    d[1] += a[1] - b[1]
+                    d[2] += a[2] - b[2]
+                    d[3] += a[3] - b[3]
+            accounts = [a for a, d in acct_delta.items() if any(d)]
+            acct_old = self._load("accounts", accounts)
+            acct_new = [
+                (o[0] + d[0], o[1] + d[1], o[2] + d[2], o[3] + d[3])
+                for o, d in zip(acct_old, (acct_delta[a] for a in accounts), strict=True)
+            ]
+
+            gap = 1 if state.second is None else second - state.second
+            txn.multi()
+            if chan_set:
+                txn.hset(self.key("live:channels"), mapping=chan_set)
+            if chan_del:
+                txn.hdel(self.key("live:channels"), *chan_del)
+            self._write(txn, "apps", [(a, after) for a, _, after in changed])
+            self._write(txn, "accounts", list(zip(accounts, acct_new, strict=True)))
+            app_ids = [a for a, _, _ in changed]
+            txn.xadd(
+                self.key("samples"),
+                {
+                    "gap": gap,
+                    "apps": ",".join(app_ids),
+                    **{code: _column(changed, i) for i, code in enumerate(FIGURES)},
+                    "opened": ",".join([str(opened.get(a, 0)) for a in app_ids]),
+                    "accounts": ",".join(accounts),
+                    **{f"a{code}": _column_of(acct_new, i) for i, code in enumerate(FIGURES)},
+                },
+                id=f"{second * 1000}-0",
+                maxlen=maxlen,
+                approximate=True,
+            )
+            mapping: dict[str, Any] = {"second": second}
+            for dc, epoch, cursor in cursors:
+                mapping[f"epoch:{dc}"] = epoch
+                mapping[f"cursor:{dc}"] = cursor
+            txn.hset(tick_key, mapping=mapping)
+            try:
+                txn.execute()
+            except redis.WatchError:
+                return False, 0, 0, 0
+        return True, gap, len(changed), len(accounts)
+
+    def _load(self, scope: str, ids: Sequence[str]) -> list[tuple[int, int, int, int]]:
+        reads = self.client.pipeline(transaction=False)
+        _hmget_chunks(reads, self.key(f"live:{scope}"), ids)
+        return [_unpack(v) for v in _joined(iter(reads.execute()), ids)]
+
+    def _owners(self, apps: Sequence[str]) -> list[str | None]:
+        """Each app's account. An app never changes account, so owners are cached here;
+        only apps not seen before are read from the registry."""
+        cache = _OWNERS.setdefault(self.key("apps"), {})
+        missing = [a for a in apps if a not in cache]
+        if missing:
+            reads = self.client.pipeline(transaction=False)
+            _hmget_chunks(reads, self.key("apps"), missing)
+            for app, owner in zip(missing, _joined(iter(reads.execute()), missing), strict=True):
+                if owner is not None:  # unknown apps are asked again: they may be registered soon
+                    cache[app] = _s(owner)
+            if len(cache) > _OWNER_CACHE_MAX:
+                cache.clear()
+        return [cache.get(a) for a in apps]
+
+    def _write(self, txn: Any, scope: str, rows: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        key = self.key(f"live:{scope}")
+        keep = {ident: " ".join(map(str, values)) for ident, values in rows if any(values)}
+        drop = [ident for ident, values in rows if not any(values)]
+        for start in range(0, len(keep), _CHUNK):
+            txn.hset(key, mapping=dict(islice(keep.items(), start, start + _CHUNK)))
+        for start in range(0, len(drop), _CHUNK):
+            txn.hdel(key, *drop[start : start + _CHUNK])
+
+    def _value(self, scope: str, ident: str) -> LiveValue:
+        return LiveValue(*_unpack(self.client.hget(self.key(f"live:{scope}"), ident)))
 
     def app_value(self, app: str) -> LiveValue:
-        return LiveValue.parse(self.client.hget(self.key("live:apps"), app))
+        return self._value("apps", app)
 
     def account_value(self, account: str) -> LiveValue:
-        return LiveValue.parse(self.client.hget(self.key("live:accounts"), account))
+        return self._value("accounts", account)
 
-    def samples(self, start: int = 0, count: int = 1000) -> list[tuple[int, dict[str, str]]]:
+    def samples(self, start: int = 0, count: int = 1000) -> list[tuple[int, Sample]]:
         """1-second samples from ``start`` (a second), oldest first."""
         entries = self.client.xrange(self.key("samples"), min=f"{start * 1000}", count=count)
         return [
-            (int(_s(entry_id).split("-")[0]) // 1000, {_s(k): _s(v) for k, v in fields.items()})
+            (int(_s(entry_id).split("-")[0]) // 1000, Sample.parse(fields))
             for entry_id, fields in entries
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One counted second: the gap since the previous one, and what changed in it."""
+
+    gap: int
+    apps: dict[str, LiveValue]
+    accounts: dict[str, LiveValue]
+    channels_opened: dict[str, int]
+
+    @classmethod
+    def parse(cls, fields: dict[Any, Any]) -> Sample:
+        f = {_s(k): _s(v) for k, v in fields.items()}
+
+        def columns(ids: str, *names: str) -> list[tuple[str, list[int]]]:
+            keys = f[ids].split(",") if f[ids] else []
+            cols = [[int(x) for x in f[n].split(",")] if keys else [] for n in names]
+            return [(k, [col[i] for col in cols]) for i, k in enumerate(keys)]
+
+        apps = columns("apps", "w", "s", "l", "c", "opened")
+        return cls(
+            gap=int(f["gap"]),
+            apps={k: LiveValue(*v[:4]) for k, v in apps},
+            accounts={k: LiveValue(*v) for k, v in columns("accounts", "aw", "as", "al", "ac")},
+            channels_opened={k: v[4] for k, v in apps if v[4]},
+        )

@@ -69,9 +69,10 @@ def test_an_account_counts_the_sum_of_its_apps_at_each_tick(stores) -> None:
     run_tick(g, {"dc1": dc}, 1001)
     assert g.account_value("100").connections == 3
     samples = dict(g.samples())
-    assert sorted(samples[1000]["accounts"].split(";")) == ["100 3 0 0 0", "200 1 0 0 0"]
+    assert samples[1000].accounts == {"100": LiveValue(3, 0, 0, 0), "200": LiveValue(1, 0, 0, 0)}
     # The second tick changed app 1 and 2 but the account's sum stayed: nothing to record.
-    assert samples[1001]["accounts"] == ""
+    assert set(samples[1001].apps) == {"1", "2"}
+    assert samples[1001].accounts == {}
 
 
 def test_a_channel_attached_on_several_frontends_is_one_channel(stores) -> None:
@@ -158,7 +159,7 @@ def test_a_missed_tick_is_recorded_as_a_gap_not_invented(stores) -> None:
     fe.flush()
     result = run_tick(g, {"dc1": dc}, 104)
     assert result.gap == 4
-    assert [(s, f["gap"]) for s, f in g.samples()] == [(100, "1"), (104, "4")]
+    assert [(s, sample.gap) for s, sample in g.samples()] == [(100, 1), (104, 4)]
 
 
 def test_a_silent_frontend_is_reaped_after_the_liveness_timeout(stores) -> None:

@@ -23,6 +23,23 @@ local function app_of(field)
   return string.match(field, '^([^|]*)|')
 end
 
+-- An incarnation's connection field is '<app>|<t>' (t: w, s or l); the datacenter keeps one
+-- hash per transport, keyed by the bare app id, so the tick reads whole columns.
+local function add_conns(base, field, delta, seq)
+  local app, t = string.sub(field, 1, -3), string.sub(field, -1)
+  local key = base .. ':conns:' .. t
+  if redis.call('HINCRBY', key, app, delta) <= 0 then redis.call('HDEL', key, app) end
+  redis.call('ZADD', base .. ':changes:apps', seq, app)
+end
+
+local function add_channel(base, field, delta, seq)
+  local left = redis.call('HINCRBY', base .. ':channels', field, delta)
+  if left <= 0 then redis.call('HDEL', base .. ':channels', field) end
+  if (delta > 0 and left == 1) or (delta < 0 and left <= 0) then
+    redis.call('ZADD', base .. ':changes:channels', seq, field)
+  end
+end
+
 -- Remove one frontend incarnation: subtract its connections from the datacenter totals,
 -- release its channels, forget it. Its cumulative counters stay for the aggregator to read.
 local function reap(base, inc, now, seq)
@@ -30,20 +47,10 @@ local function reap(base, inc, now, seq)
   local conns = redis.call('HGETALL', fe .. ':conns')
   for i = 1, #conns, 2 do
     local n = tonumber(conns[i + 1])
-    if n ~= 0 then
-      local left = redis.call('HINCRBY', base .. ':conns', conns[i], -n)
-      if left <= 0 then redis.call('HDEL', base .. ':conns', conns[i]) end
-      redis.call('ZADD', base .. ':changes', seq, 'a|' .. app_of(conns[i]))
-    end
+    if n ~= 0 then add_conns(base, conns[i], -n, seq) end
   end
   local chans = redis.call('HKEYS', fe .. ':channels')
-  for i = 1, #chans do
-    local left = redis.call('HINCRBY', base .. ':channels', chans[i], -1)
-    if left <= 0 then
-      redis.call('HDEL', base .. ':channels', chans[i])
-      redis.call('ZADD', base .. ':changes', seq, 'c|' .. chans[i])
-    end
-  end
+  for i = 1, #chans do add_channel(base, chans[i], -1, seq) end
   redis.call('DEL', fe .. ':conns', fe .. ':channels')
   redis.call('ZREM', base .. ':frontends', inc)
   local fid = string.match(inc, '^(.*)#')

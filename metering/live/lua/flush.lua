@@ -59,14 +59,12 @@ if n > 0 then
     local field, new = fields[k], tonumber(ARGV[i + 2 * (k - 1) + 1])
     local delta = new - (tonumber(old[k]) or 0)
     if delta ~= 0 then
-      local total = redis.call('HINCRBY', base .. ':conns', field, delta)
-      if total <= 0 then redis.call('HDEL', base .. ':conns', field) end
+      add_conns(base, field, delta, next_seq())
       if new == 0 then
         redis.call('HDEL', fe .. ':conns', field)
       else
         redis.call('HSET', fe .. ':conns', field, new)
       end
-      redis.call('ZADD', base .. ':changes', next_seq(), 'a|' .. app_of(field))
     end
   end
   i = i + 2 * n
@@ -82,15 +80,10 @@ if n > 0 then
     if present ~= (old[k] and true or false) then
       if present then
         redis.call('HSET', fe .. ':channels', field, 1)
-        if redis.call('HINCRBY', base .. ':channels', field, 1) == 1 then
-          redis.call('ZADD', base .. ':changes', next_seq(), 'c|' .. field)
-        end
+        add_channel(base, field, 1, next_seq())
       else
         redis.call('HDEL', fe .. ':channels', field)
-        if redis.call('HINCRBY', base .. ':channels', field, -1) <= 0 then
-          redis.call('HDEL', base .. ':channels', field)
-          redis.call('ZADD', base .. ':changes', next_seq(), 'c|' .. field)
-        end
+        add_channel(base, field, -1, next_seq())
       end
     end
   end

@@ -1,0 +1,41 @@
+"""The API's composition root."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from metering import __version__
+from metering.api import admin
+from metering.api.auth import KeyCache
+from metering.api.envelope import install_error_handlers, ok
+from metering.core.settings import Settings, get_settings
+from metering.live.wiring import datacenter_readers
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.key_cache = KeyCache(settings.key_cache_ttl.total_seconds())
+        app.state.readers = datacenter_readers(settings)
+        yield
+
+    app = FastAPI(
+        title="Metering engine",
+        version=__version__,
+        summary="Usage metering and billing-limit enforcement for a realtime platform",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(admin.router)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness of the API process")
+    async def healthz() -> dict[str, object]:
+        return ok({"status": "ok"})
+
+    return app
