@@ -23,6 +23,7 @@ import redis
 
 from metering.core.logging import get_logger
 from metering.live.store import (
+    FLUSH_OK,
     FLUSH_REPLACED,
     FLUSH_SUPERSEDED,
     FLUSH_UNKNOWN,
@@ -67,15 +68,19 @@ class Meter:
         self.flush_min_interval = flush_min_interval
         self.on_superseded = on_superseded
 
+        # The hot path only updates these; the flush diffs them against what it last wrote,
+        # so an event costs a few dict operations and nothing more. The lock is held by the
+        # flush's snapshot and, in ThreadSafeMeter, by every event.
         self._lock = threading.Lock()
-        self._conns: dict[str, int] = {}
+        self._conns: dict[str, int] = {}  # '<app>|<t>' -> open connections
+        self._opened: dict[str, int] = {}  # '<app>|<t>' -> connections opened (cumulative)
         self._channels: dict[str, int] = {}  # '<app>|<channel>' -> attached connections here
-        self._counters: dict[str, int] = {}
-        self._dirty_conns: set[str] = set()
-        self._dirty_channels: set[str] = set()
-        self._dirty_counters: set[str] = set()
+        self._messages: dict[str, list[int]] = {}  # app -> [pub_n, pub_b, del_n, del_b]
+        self._changed = False
+        self._sent_conns: dict[str, int] = {}
+        self._sent_channels: set[str] = set()
+        self._sent_counters: dict[str, int] = {}
 
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered = False
@@ -85,76 +90,69 @@ class Meter:
         self.last_flush_at = 0.0
 
     # -- events: the hot path ------------------------------------------------------------
+    # Call these from one thread (a gateway's event loop): they take no lock. The flush thread
+    # only reads, through C-level copies (dict(), set()) that the GIL makes atomic. A gateway
+    # that reports from several threads uses ThreadSafeMeter.
 
-    def connection_opened(self, app: str, transport: Transport | str = Transport.WEBSOCKET) -> None:
-        field = app + _SUFFIX[transport]
-        opened = app + "|" + OPENED
-        with self._lock:
-            self._conns[field] = self._conns.get(field, 0) + 1
-            self._dirty_conns.add(field)
-            self._counters[opened] = self._counters.get(opened, 0) + 1
-            self._dirty_counters.add(opened)
-        if not self._wake.is_set():
-            self._wake.set()
+    def connection_opened(self, app: str, transport: str = "websocket") -> None:
+        # '==' against the plain string first: hashing a StrEnum member runs Python code.
+        field = app + ("|w" if transport == "websocket" else _SUFFIX[transport])
+        conns, opened = self._conns, self._opened
+        conns[field] = conns.get(field, 0) + 1
+        opened[field] = opened.get(field, 0) + 1
+        self._changed = True
 
-    def connection_closed(self, app: str, transport: Transport | str = Transport.WEBSOCKET) -> None:
-        field = app + _SUFFIX[transport]
-        with self._lock:
-            n = self._conns.get(field, 0)
-            if n <= 0:
-                return  # a close without its open (a bug in the caller) must not go negative
+    def connection_closed(self, app: str, transport: str = "websocket") -> None:
+        field = app + ("|w" if transport == "websocket" else _SUFFIX[transport])
+        n = self._conns.get(field, 0)
+        if n > 1:
             self._conns[field] = n - 1
-            self._dirty_conns.add(field)
-        if not self._wake.is_set():
-            self._wake.set()
+        elif n == 1:
+            del self._conns[field]
+        else:
+            return  # a close without its open (a bug in the caller) must not go negative
+        self._changed = True
 
     def channel_attached(self, app: str, channel: str) -> None:
         field = app + "|" + channel
-        with self._lock:
-            n = self._channels.get(field, 0)
-            self._channels[field] = n + 1
-            if n == 0:
-                self._dirty_channels.add(field)
-        if n == 0 and not self._wake.is_set():
-            self._wake.set()
+        channels = self._channels
+        channels[field] = channels.get(field, 0) + 1
+        self._changed = True
 
     def channel_detached(self, app: str, channel: str) -> None:
         field = app + "|" + channel
-        with self._lock:
-            n = self._channels.get(field, 0)
-            if n <= 0:
-                return
-            if n == 1:
-                del self._channels[field]
-                self._dirty_channels.add(field)
-            else:
-                self._channels[field] = n - 1
-        if n == 1 and not self._wake.is_set():
-            self._wake.set()
+        n = self._channels.get(field, 0)
+        if n > 1:
+            self._channels[field] = n - 1
+        elif n == 1:
+            del self._channels[field]
+        else:
+            return
+        self._changed = True
 
     def message_published(self, app: str, channel: str, nbytes: int) -> None:
-        self._count_message(app, PUBLISHED_COUNT, PUBLISHED_BYTES, 1, nbytes)
+        m = self._messages.get(app)
+        if m is None:
+            m = self._messages[app] = [0, 0, 0, 0]
+        m[0] += 1
+        m[1] += nbytes
+        # Counters ride on the next heartbeat flush: no hurry to wake it.
 
     def message_delivered(self, app: str, channel: str, nbytes: int, count: int = 1) -> None:
         """``count`` deliveries of one message of ``nbytes`` (a fan-out to ``count`` clients)."""
-        self._count_message(app, DELIVERED_COUNT, DELIVERED_BYTES, count, nbytes * count)
-
-    def _count_message(self, app: str, n_name: str, b_name: str, n: int, nbytes: int) -> None:
-        kn, kb = app + "|" + n_name, app + "|" + b_name
-        with self._lock:
-            self._counters[kn] = self._counters.get(kn, 0) + n
-            self._counters[kb] = self._counters.get(kb, 0) + nbytes
-            self._dirty_counters.add(kn)
-            self._dirty_counters.add(kb)
-        # Counters ride on the next heartbeat flush: no wake-up needed.
+        m = self._messages.get(app)
+        if m is None:
+            m = self._messages[app] = [0, 0, 0, 0]
+        m[2] += count
+        m[3] += nbytes * count
 
     # -- reading what this frontend holds -------------------------------------------------
 
-    def connections(self, app: str, transport: Transport | str = Transport.WEBSOCKET) -> int:
+    def connections(self, app: str, transport: str = "websocket") -> int:
         return self._conns.get(app + _SUFFIX[transport], 0)
 
     def counter(self, app: str, name: str) -> int:
-        return self._counters.get(app + "|" + name, 0)
+        return self._counters().get(app + "|" + name, 0)
 
     @property
     def superseded(self) -> bool:
@@ -177,7 +175,6 @@ class Meter:
     def close(self) -> None:
         """Flush the final counters, then remove this incarnation's counts at once."""
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._superseded:
@@ -189,12 +186,14 @@ class Meter:
             log.warning("metering.deregister_failed", frontend=self.frontend_id, error=str(exc))
 
     def _run(self) -> None:
+        # Flush soon after a change (at most every flush_min_interval), and at least every
+        # flush_interval as the heartbeat. Polling a flag keeps the hot path free of any
+        # wake-up call; at 50 Hz it costs the process nothing measurable.
         backoff = self.flush_min_interval
-        while not self._stop.is_set():
-            self._wake.wait(self.flush_interval)
-            if self._stop.is_set():
-                return
-            self._wake.clear()
+        last = time.monotonic()
+        while not self._stop.wait(backoff):
+            if not self._changed and time.monotonic() - last < self.flush_interval:
+                continue
             try:
                 self.flush()
                 backoff = self.flush_min_interval
@@ -202,10 +201,9 @@ class Meter:
                 self.failures += 1
                 log.warning("metering.flush_failed", frontend=self.frontend_id, error=str(exc))
                 backoff = min(backoff * 2, self.flush_interval)
+            last = time.monotonic()
             if self._superseded:
                 return
-            # Coalesce bursts: at most one flush per flush_min_interval.
-            self._stop.wait(backoff)
 
     def flush(self) -> str:
         """Write what changed (everything, if Redis does not know this incarnation)."""
@@ -232,27 +230,44 @@ class Meter:
         self._registered = True
         return status
 
+    def _counters(self) -> dict[str, int]:
+        """Cumulative counters as Redis stores them: '<app>|<name>' -> total."""
+        out: dict[str, int] = {}
+        for field, n in dict(self._opened).items():
+            key = field[:-2] + "|" + OPENED
+            out[key] = out.get(key, 0) + n
+        for app, totals in dict(self._messages).items():
+            pub_n, pub_b, del_n, del_b = list(totals)
+            out[app + "|" + PUBLISHED_COUNT] = pub_n
+            out[app + "|" + PUBLISHED_BYTES] = pub_b
+            out[app + "|" + DELIVERED_COUNT] = del_n
+            out[app + "|" + DELIVERED_BYTES] = del_b
+        return out
+
     def _flush(self, *, full: bool) -> str:
         with self._lock:
-            if full:
-                conn_fields: set[str] = {f for f, n in self._conns.items() if n > 0}
-                chan_fields: set[str] = set(self._channels)
-                ctr_fields: set[str] = set(self._counters)
-            else:
-                conn_fields, chan_fields, ctr_fields = (
-                    self._dirty_conns,
-                    self._dirty_channels,
-                    self._dirty_counters,
-                )
-            conns = [(f, self._conns.get(f, 0)) for f in conn_fields]
-            channels = [(f, f in self._channels) for f in chan_fields]
-            counters = [(f, self._counters[f]) for f in ctr_fields]
-            self._dirty_conns, self._dirty_channels, self._dirty_counters = set(), set(), set()
-            # Closed-out fields can go: their zero has been captured above.
-            for f, n in conns:
-                if n == 0:
-                    self._conns.pop(f, None)
-        try:
+            self._changed = False
+            conns_now = dict(self._conns)
+            channels_now = set(self._channels)
+            counters_now = self._counters()
+        if full:
+            conns = list(conns_now.items())
+            channels = [(f, True) for f in channels_now]
+            counters = list(counters_now.items())
+        else:
+            sent = self._sent_conns
+            conns = [(f, n) for f, n in conns_now.items() if sent.get(f) != n]
+            conns += [(f, 0) for f in sent if f not in conns_now]
+            channels = [(f, True) for f in channels_now - self._sent_channels]
+            channels += [(f, False) for f in self._sent_channels - channels_now]
+            sent_ctr = self._sent_counters
+            counters = [(f, n) for f, n in counters_now.items() if sent_ctr.get(f) != n]
+        if not full and not conns and not channels and not counters and self._registered:
+            status = self.store.flush(
+                self.incarnation, full=False, timeout=self.liveness_timeout,
+                epoch=secrets.token_hex(8), conns=(), channels=(), counters=(),
+            )
+        else:
             status = self.store.flush(
                 self.incarnation,
                 full=full,
@@ -264,19 +279,39 @@ class Meter:
                 channels=channels,
                 counters=counters,
             )
-        except BaseException:
-            # Not written: mark the fields dirty again; the values are absolute, so the next
-            # flush sends whatever they are by then.
-            with self._lock:
-                self._dirty_conns.update(f for f, _ in conns)
-                self._dirty_channels.update(f for f, _ in channels)
-                self._dirty_counters.update(f for f, _ in counters)
-            raise
-        if status == FLUSH_UNKNOWN:
-            with self._lock:
-                self._dirty_conns.update(f for f, _ in conns)
-                self._dirty_channels.update(f for f, _ in channels)
-                self._dirty_counters.update(f for f, _ in counters)
+        if status in (FLUSH_OK, FLUSH_REPLACED):
+            # Only what Redis accepted counts as sent; anything else is sent again next time.
+            self._sent_conns = conns_now
+            self._sent_channels = channels_now
+            self._sent_counters = counters_now
         self.flushes += 1
         self.last_flush_at = time.monotonic()
         return status
+
+
+class ThreadSafeMeter(Meter):
+    """A Meter whose events may come from several threads at once (each takes a lock)."""
+
+    def connection_opened(self, app: str, transport: str = "websocket") -> None:
+        with self._lock:
+            super().connection_opened(app, transport)
+
+    def connection_closed(self, app: str, transport: str = "websocket") -> None:
+        with self._lock:
+            super().connection_closed(app, transport)
+
+    def channel_attached(self, app: str, channel: str) -> None:
+        with self._lock:
+            super().channel_attached(app, channel)
+
+    def channel_detached(self, app: str, channel: str) -> None:
+        with self._lock:
+            super().channel_detached(app, channel)
+
+    def message_published(self, app: str, channel: str, nbytes: int) -> None:
+        with self._lock:
+            super().message_published(app, channel, nbytes)
+
+    def message_delivered(self, app: str, channel: str, nbytes: int, count: int = 1) -> None:
+        with self._lock:
+            super().message_delivered(app, channel, nbytes, count)
