@@ -19,9 +19,9 @@ import time
 import redis
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from bench._common import REDIS_URL, row, scratch_prefix  # noqa: E402
-from metering.gateway.sdk import Meter  # noqa: E402
-from metering.live.store import DatacenterStore, Transport  # noqa: E402
+from bench._common import REDIS_URL, row, scratch_prefix
+from metering.gateway.sdk import Meter
+from metering.live.store import DatacenterStore, Transport
 
 APPS = [str(a) for a in range(100)]
 
@@ -80,14 +80,18 @@ def per_event(n: int) -> None:
 def writes(seconds: float) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     print(f"\nRedis writes with the flush thread running ({seconds:.0f} s per rate, 100 apps)")
-    print(row("events/s (target)", "events/s (real)", "flushes/s", "fields/s", widths=(22, 18, 12, 12)))
+    print(
+        row(
+            "events/s (target)", "events/s (real)", "flushes/s", "fields/s", widths=(22, 18, 12, 12)
+        )
+    )
     for rate in (10_000, 200_000):
         with scratch_prefix(client) as prefix:
             store = DatacenterStore(client, prefix, "dc1")
             fields = 0
             original = store.flush
 
-            def counting_flush(*args, **kwargs):  # type: ignore[no-untyped-def]
+            def counting_flush(*args, original=original, **kwargs):  # type: ignore[no-untyped-def]
                 nonlocal fields
                 conns = list(kwargs.pop("conns"))
                 channels = list(kwargs.pop("channels"))
@@ -114,11 +118,21 @@ def writes(seconds: float) -> None:
             real = sent / (time.perf_counter() - started)
             flushes = (meter.flushes - flushes0) / seconds
             meter.close()
-            print(row(f"{rate:,}", f"{real:,.0f}", f"{flushes:.1f}", f"{fields / seconds:,.0f}", widths=(22, 18, 12, 12)))
+            print(
+                row(
+                    f"{rate:,}",
+                    f"{real:,.0f}",
+                    f"{flushes:.1f}",
+                    f"{fields / seconds:,.0f}",
+                    widths=(22, 18, 12, 12),
+                )
+            )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()

@@ -20,9 +20,9 @@ import time
 import redis
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from bench._common import REDIS_URL, row, scratch_prefix  # noqa: E402
-from metering.live.service import tick  # noqa: E402
-from metering.live.store import DatacenterStore, GlobalStore  # noqa: E402
+from bench._common import REDIS_URL, row, scratch_prefix
+from metering.live.service import tick
+from metering.live.store import DatacenterStore, GlobalStore
 
 FRONTENDS = 20
 SHARE = 0.15
@@ -35,7 +35,9 @@ def populate(dc: DatacenterStore, apps: int, rng: random.Random) -> dict[str, di
         inc = f"fe-{f}#bench"
         fields = {f"{a}|w": rng.randint(1, 50) for a in rng.sample(range(apps), per_frontend)}
         state[inc] = fields
-        dc.flush(inc, full=True, timeout=3600, epoch="e", conns=fields.items(), channels=[], counters=[])
+        dc.flush(
+            inc, full=True, timeout=3600, epoch="e", conns=fields.items(), channels=[], counters=[]
+        )
     return state
 
 
@@ -51,7 +53,13 @@ def raw_read(client: redis.Redis, dc: DatacenterStore) -> float:
     return time.perf_counter() - started
 
 
-def churn(dc: DatacenterStore, state: dict[str, dict[str, int]], apps: int, share: float, rng: random.Random) -> None:
+def churn(
+    dc: DatacenterStore,
+    state: dict[str, dict[str, int]],
+    apps: int,
+    share: float,
+    rng: random.Random,
+) -> None:
     """Change ``share`` of the apps, spread over the frontends that report them."""
     changed = rng.sample(range(apps), int(apps * share))
     per_frontend: dict[str, list[tuple[str, int]]] = {}
@@ -64,14 +72,23 @@ def churn(dc: DatacenterStore, state: dict[str, dict[str, int]], apps: int, shar
         dc.flush(inc, full=False, timeout=3600, epoch="e", conns=fields, channels=[], counters=[])
 
 
+def timed_tick(g: GlobalStore, dc: DatacenterStore, second: int) -> float:
+    result = tick(g, {"dc1": dc}, liveness_timeout=3600, sample_retention=100, now=second)
+    assert result.committed
+    return result.duration
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--apps", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     client = redis.Redis.from_url(REDIS_URL)
     rng = random.Random(1)
-    print(f"tick benchmark: {FRONTENDS} frontends, each reporting {SHARE:.0%} of the apps; Redis {REDIS_URL}")
+    print(f"tick benchmark: {FRONTENDS} frontends, each reporting {SHARE:.0%} of the apps")
+    print(f"Redis {REDIS_URL}")
     print(row("apps (fields)", "raw read", "tick", "tick/raw"))
     second = 1_000_000
     for apps in args.apps:
@@ -84,23 +101,22 @@ def main() -> None:
             fields = sum(len(v) for v in state.values())
             raw = statistics.median(raw_read(client, dc) for _ in range(args.repeat))
 
-            def timed_tick() -> float:
-                nonlocal second
-                second += 1
-                result = tick(g, {"dc1": dc}, liveness_timeout=3600, sample_retention=100, now=second)
-                assert result.committed
-                return result.duration
-
-            first = timed_tick()
+            second += 1
+            first = timed_tick(g, dc, second)
             print(row(f"{apps} ({fields})", f"{raw * 1000:.0f} ms", "", ""))
             print(row("  first tick (all new)", "", f"{first * 1000:.0f} ms", f"{first / raw:.2f}"))
             for share in (0.01, 0.10):
                 times = []
                 for _ in range(args.repeat):
                     churn(dc, state, apps, share, rng)
-                    times.append(timed_tick())
+                    second += 1
+                    times.append(timed_tick(g, dc, second))
                 t = statistics.median(times)
-                print(row(f"  steady, {share:.0%} changed", "", f"{t * 1000:.1f} ms", f"{t / raw:.2f}"))
+                print(
+                    row(
+                        f"  steady, {share:.0%} changed", "", f"{t * 1000:.1f} ms", f"{t / raw:.2f}"
+                    )
+                )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     typer.echo(f"==> migrating {_redact(url)} to {revision}", err=True)
     try:
         upgrade(url, revision)
-    except Exception as exc:  # noqa: BLE001 (any failure here is reported, not traced)
+    except Exception as exc:
         fail(f"migration failed: {exc}")
     typer.echo("database is up to date", err=True)
 
@@ -141,7 +141,11 @@ def apps_create(
 
     created = _guard(run)
     _publish_registry({created.id: created.account_id})
-    _emit(created, as_json, f"app {created.id} created in account {created.account_id}: {created.name}")
+    _emit(
+        created,
+        as_json,
+        f"app {created.id} created in account {created.account_id}: {created.name}",
+    )
 
 
 @keys_app.command("create")
@@ -225,7 +229,9 @@ def gateway(
 @app.command("run")
 def run(
     api_port: Annotated[int | None, typer.Option(help="Default: METERING_API_PORT.")] = None,
-    gateway_port: Annotated[int | None, typer.Option(help="Default: METERING_GATEWAY_PORT.")] = None,
+    gateway_port: Annotated[
+        int | None, typer.Option(help="Default: METERING_GATEWAY_PORT.")
+    ] = None,
 ) -> None:
     """Run everything in one process: migrations, API, example gateway and the beat schedule."""
     from metering.runner import run_embedded  # noqa: PLC0415

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -46,7 +49,9 @@ class Scheduler:
 
     def start(self) -> None:
         for entry in self.entries:
-            thread = threading.Thread(target=self._loop, args=(entry,), name=entry.task, daemon=True)
+            thread = threading.Thread(
+                target=self._loop, args=(entry,), name=entry.task, daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -62,7 +67,7 @@ class Scheduler:
         while not self._stop.wait(max(0.0, next_run - time.time())):
             try:
                 job()
-            except Exception as exc:  # noqa: BLE001 (a failed run is logged; the next one retries)
+            except Exception as exc:
                 log.warning("scheduler.job_failed", task=entry.task, error=repr(exc))
             # Skip runs that are already late rather than firing them back to back.
             next_run += entry.every * max(1, int((time.time() - next_run) // entry.every) + 1)
@@ -98,11 +103,12 @@ def run_embedded(settings: Settings, *, api_port: int, gateway_port: int) -> Non
     upgrade(settings.database_url)
     account_id, app_id, key = _demo_key()
 
-    entries = []
-    for entry in periodic_tasks(settings):
-        if entry.task == "metering.accounts.sync_registry":
-            entry = Periodic(entry.task, min(entry.every, EMBEDDED_REGISTRY_SYNC), entry.options)
-        entries.append(entry)
+    entries = [
+        Periodic(e.task, min(e.every, EMBEDDED_REGISTRY_SYNC), e.options)
+        if e.task == "metering.accounts.sync_registry"
+        else e
+        for e in periodic_tasks(settings)
+    ]
     JOBS["metering.accounts.sync_registry"]()  # before the gateway takes its first connection
     scheduler = Scheduler(entries, JOBS)
     scheduler.start()
@@ -125,8 +131,17 @@ def run_embedded(settings: Settings, *, api_port: int, gateway_port: int) -> Non
         api_task = asyncio.create_task(api.serve())
         await asyncio.to_thread(_wait_port, api_host, api_port)
         await asyncio.to_thread(_wait_port, gw_host, gateway_port)
-        _banner(settings, api_host, api_port, gw_host, gateway_port, account_id, app_id, key)
-        done, _pending = await asyncio.wait({gateway, api_task}, return_when=asyncio.FIRST_COMPLETED)
+        _banner(
+            settings,
+            api=f"{api_host}:{api_port}",
+            gateway=f"{gw_host}:{gateway_port}",
+            account_id=account_id,
+            app_id=app_id,
+            key=key,
+        )
+        done, _pending = await asyncio.wait(
+            {gateway, api_task}, return_when=asyncio.FIRST_COMPLETED
+        )
         api.should_exit = True
         for task in done:
             task.result()
@@ -138,28 +153,31 @@ def run_embedded(settings: Settings, *, api_port: int, gateway_port: int) -> Non
         scheduler.stop()
 
 
+def _command() -> str:
+    """How to call ``metering`` from here (``make run`` does not put the venv on PATH)."""
+    installed = Path(sys.executable).parent / "metering"
+    if shutil.which("metering") == str(installed) or not installed.exists():
+        return "metering"
+    with contextlib.suppress(ValueError):
+        return os.path.relpath(installed)
+    return str(installed)
+
+
 def _banner(
-    settings: Settings,
-    api_host: str,
-    api_port: int,
-    gw_host: str,
-    gateway_port: int,
-    account_id: int,
-    app_id: int,
-    key: str,
+    settings: Settings, *, api: str, gateway: str, account_id: int, app_id: int, key: str
 ) -> None:
     redis_desc = "in-process Redis stand-in" if settings.embedded else settings.redis_url
     lines = [
         "",
         f"Metering engine running (database {settings.database_url}, {redis_desc})",
-        f"  API       http://{api_host}:{api_port}   (OpenAPI: http://{api_host}:{api_port}/docs)",
-        f"  Gateway   ws://{gw_host}:{gateway_port}/v1/realtime?app={app_id}",
+        f"  API       http://{api}   (OpenAPI: http://{api}/docs)",
+        f"  Gateway   ws://{gateway}/v1/realtime?app={app_id}",
         f"  Demo app  {app_id} in account {account_id}, key with every permission:",
         f"            {key}",
         "",
         "Try:",
-        f'  curl -H "IM-API-KEY: {key}" http://{api_host}:{api_port}/admin/connection-count',
-        f"  metering simulate --app {app_id} --gateway ws://{gw_host}:{gateway_port}",
+        f'  curl -H "IM-API-KEY: {key}" http://{api}/admin/connection-count',
+        f"  {_command()} simulate --app {app_id} --gateway ws://{gateway}",
         "",
         "Ctrl-C stops it.",
     ]

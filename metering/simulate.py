@@ -25,7 +25,7 @@ class _Stats:
 async def _client(url: str, channel: str, stats: _Stats, stop: asyncio.Event) -> None:
     try:
         ws = await connect(url, open_timeout=10)
-    except Exception:  # noqa: BLE001 (a refused client is counted, not fatal)
+    except Exception:
         stats.refused += 1
         return
     stats.opened += 1
@@ -82,13 +82,17 @@ async def _run(
             carry += publish_rate * 0.1
             while carry >= 1:
                 carry -= 1
-                msg = {"action": "publish", "channel": f"sim-{rng.randrange(channels)}", "data": "x"}
+                msg = {
+                    "action": "publish",
+                    "channel": f"sim-{rng.randrange(channels)}",
+                    "data": "x",
+                }
                 await publisher.send(json.dumps(msg))
                 stats.published += 1
             if now >= next_report:
                 next_report += 1
                 for _ in range(int(len(live) * churn)):
-                    task, stop = live.pop(rng.randrange(len(live)))
+                    _task, stop = live.pop(rng.randrange(len(live)))
                     stop.set()
                     spawn()
                 open_now = stats.opened - stats.closed

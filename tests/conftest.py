@@ -39,16 +39,17 @@ def database_url() -> Iterator[str]:
     url = make_url(ADMIN_DATABASE_URL).set(database=name).render_as_string(hide_password=False)
     upgrade(url)
     yield url
-    database.get_engine.cache_clear()
+    database.reset()
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> redis.Redis:
+def redis_server() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
     client.ping()
-    return client
+    yield client
+    client.close()
 
 
 @dataclass
@@ -68,10 +69,9 @@ class Env:
 
 
 def _reset_caches() -> None:
-    get_settings.cache_clear()
-    database.get_engine.cache_clear()
-    database.get_sessionmaker.cache_clear()
+    database.reset()
     redis_clients.reset_clients()
+    get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -92,10 +92,8 @@ def env(
         monkeypatch.setenv(key, value)
     _reset_caches()
     yield Env(vars=values, settings=get_settings(), prefix=prefix, redis=redis_server)
-    engine = database.get_engine()
-    with engine.begin() as conn:
+    with database.get_engine().begin() as conn:
         conn.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-    engine.dispose()
     for key in redis_server.scan_iter(match=f"{{{prefix}*", count=1000):
         redis_server.delete(key)
     _reset_caches()

@@ -25,17 +25,28 @@ class Process:
     """A child process whose combined output is collected; waits for a ready line."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str], *, ready: str | None, cwd: str | None = None,
+        self,
+        args: list[str],
+        env: dict[str, str],
+        *,
+        ready: str | None,
+        cwd: str | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.args = args
         self.lines: list[str] = []
         self._seen = threading.Condition()
         self.proc = subprocess.Popen(
-            args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
         if ready is not None:
             self.wait_for(ready, timeout)
 
@@ -58,10 +69,14 @@ class Process:
                     if text in line:
                         return line
                 if self.proc.poll() is not None and not any(text in ln for ln in self.lines):
-                    raise RuntimeError(f"{self.args[:3]} exited {self.proc.returncode}:\n{self.output}")
+                    raise RuntimeError(
+                        f"{self.args[:3]} exited {self.proc.returncode}:\n{self.output}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no {text!r} from {self.args[:3]} in {timeout}s:\n{self.output}")
+                    raise TimeoutError(
+                        f"no {text!r} from {self.args[:3]} in {timeout}s:\n{self.output}"
+                    )
                 self._seen.wait(min(left, 0.2))
 
     def kill(self) -> None:
@@ -69,6 +84,12 @@ class Process:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+        self._close()
+
+    def _close(self) -> None:
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -78,13 +99,22 @@ class Process:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+        self._close()
         return self.proc.returncode
 
 
 def gateway(env: dict[str, str], port: int, frontend_id: str, datacenter: str = "dc1") -> Process:
     return Process(
-        [str(BIN / "metering"), "gateway", "--port", str(port), "--frontend-id", frontend_id,
-         "--datacenter", datacenter],
+        [
+            str(BIN / "metering"),
+            "gateway",
+            "--port",
+            str(port),
+            "--frontend-id",
+            frontend_id,
+            "--datacenter",
+            datacenter,
+        ],
         env,
         ready="listening on",
     )

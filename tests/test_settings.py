@@ -20,7 +20,9 @@ def test_defaults_are_the_embedded_engine(monkeypatch: pytest.MonkeyPatch) -> No
     assert settings.datacenter_urls == {settings.datacenter: "memory://"}
 
 
-def test_datacenters_and_durations_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_datacenters_and_durations_parse_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("METERING_DATACENTERS", "eu=redis://a:6379/0, us=redis://b:6379/0")
     monkeypatch.setenv("METERING_LIVENESS_TIMEOUT", "5")
     monkeypatch.setenv("METERING_FLUSH_INTERVAL", "PT0.5S")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import beat_init, celeryd_init, worker_process_init
 from kombu import Queue
-from celery.signals import worker_process_init
 
 from metering.core import redis as redis_clients
 from metering.core.logging import configure
@@ -12,11 +12,6 @@ from metering.core.settings import get_settings
 from workers.schedule import beat_schedule
 
 settings = get_settings()
-if settings.embedded:
-    raise SystemExit(
-        "Celery needs a real Redis: set METERING_REDIS_URL (the embedded default runs its "
-        "schedule in-process with `metering run`)"
-    )
 
 app = Celery("metering", broker=settings.redis_url, include=["workers.tasks"])
 app.conf.update(
@@ -35,6 +30,18 @@ app.conf.update(
     timezone="UTC",
 )
 configure(settings.log_level, json=settings.log_json)
+
+
+@celeryd_init.connect
+@beat_init.connect
+def _refuse_embedded(**_: object) -> None:
+    # Importing this module is fine anywhere (``metering run`` imports the jobs); starting a
+    # worker or beat on the in-process stand-in would count nothing anyone can see.
+    if settings.embedded:
+        raise SystemExit(
+            "Celery needs a real Redis: set METERING_REDIS_URL (the embedded default runs its "
+            "schedule in-process with `metering run`)"
+        )
 
 
 @worker_process_init.connect

@@ -32,7 +32,8 @@ class AccountRepository:
         return list(self.session.scalars(query))
 
     def app_owners(self) -> dict[int, int]:
-        return dict(self.session.execute(select(App.id, App.account_id)).tuples().all())
+        rows = self.session.execute(select(App.id, App.account_id)).all()
+        return {row.id: row.account_id for row in rows}
 
     def key_by_hash(self, key_hash: str) -> tuple[ApiKey, App] | None:
         row = self.session.execute(

@@ -23,7 +23,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.key_cache = KeyCache(settings.key_cache_ttl.total_seconds())
         app.state.readers = datacenter_readers(settings)
-        yield
+        try:
+            yield
+        finally:
+            for reader in app.state.readers.values():
+                await reader.client.aclose()
 
     app = FastAPI(
         title="Metering engine",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,6 +45,14 @@ def install_error_handlers(app: FastAPI) -> None:
         names = {404: ("Not Found", "NOT_FOUND"), 405: ("Method Not Allowed", "METHOD_NOT_ALLOWED")}
         rm, code = names.get(exc.status_code, ("Error", "HTTP_ERROR"))
         return error_response(exc.status_code, rm, code, str(exc.detail))
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # Live counts are in Redis: without it there is no honest answer, only a clear one.
+        log.warning("api.redis_unavailable", path=request.url.path, error=repr(exc))
+        return error_response(
+            503, "Service Unavailable", "UNAVAILABLE", "live counts are unavailable; retry shortly"
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -76,6 +76,14 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 
 
+def reset() -> None:
+    """Dispose of the engine and forget it (settings changed, or a process forked)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
+
+
 @contextmanager
 def unit_of_work() -> Iterator[Session]:
     """A session whose transaction commits when the block ends and rolls back on error.

@@ -30,7 +30,9 @@ def _sync_client(url: str) -> Redis:
 
         client: Redis = fakeredis.FakeRedis(server=_embedded_server(), lua_modules=set())
         return client
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+    return redis.Redis.from_url(
+        url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    )
 
 
 def _async_client(url: str) -> AsyncRedis:
@@ -42,34 +44,39 @@ def _async_client(url: str) -> AsyncRedis:
     return redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
 
 
-@functools.cache
+_clients: dict[str, Redis] = {}
+
+
+def _cached(url: str) -> Redis:
+    client = _clients.get(url)
+    if client is None:
+        client = _clients[url] = _sync_client(url)
+    return client
+
+
 def primary() -> Redis:
-    return _sync_client(get_settings().redis_url)
+    """The primary Redis of the current settings (one client per URL in this process)."""
+    return _cached(get_settings().redis_url)
 
 
-@functools.cache
 def datacenter(name: str) -> Redis:
-    return _sync_client(get_settings().datacenter_urls[name])
-
-
-@functools.cache
-def async_datacenter(name: str) -> AsyncRedis:
-    return _async_client(get_settings().datacenter_urls[name])
+    return _cached(get_settings().datacenter_urls[name])
 
 
 def sync_client(url: str) -> Redis:
-    return _sync_client(url)
+    return _cached(url)
 
 
 def async_client(url: str) -> AsyncRedis:
+    """A new async client: it belongs to the event loop that uses it, which closes it."""
     return _async_client(url)
 
 
 def reset_clients() -> None:
-    """Forget cached clients (tests that change settings, forked processes)."""
-    primary.cache_clear()
-    datacenter.cache_clear()
-    async_datacenter.cache_clear()
+    """Close and forget the cached clients (settings changed, or a process forked)."""
+    for client in _clients.values():
+        client.close()
+    _clients.clear()
 
 
 class Script:

@@ -4,7 +4,7 @@ Every event is an O(1) update of in-memory counts under one lock: no I/O on the 
 background thread writes the frontend's *absolute* counts to its datacenter's Redis (only what
 changed since the last flush, at most every ``flush_min_interval`` and at least every
 ``flush_interval`` as a heartbeat), so a lost or repeated write heals at the next flush and
-Redis writes grow with frontends × apps, not with the event rate.
+Redis writes grow with frontends x apps, not with the event rate.
 
 Counts belong to one *incarnation* (``<frontend id>#<random>``): a process restarted under the
 same frontend id starts a new incarnation, which takes the id over and removes the old one's
@@ -29,13 +29,13 @@ from metering.live.store import (
     FLUSH_UNKNOWN,
     TRANSPORT_CODES,
     DatacenterStore,
-    Transport,
 )
 
 log = get_logger(__name__)
 
-_SUFFIX: Final = {t: "|" + c for t, c in TRANSPORT_CODES.items()}
-_SUFFIX.update({str(t): s for t, s in list(_SUFFIX.items())})  # plain strings work too
+# Keyed by plain strings; a Transport member is a str and finds the same entry, but hashing
+# it goes through Enum's Python-level __hash__, hence the '== "websocket"' fast path.
+_SUFFIX: Final[dict[str, str]] = {str(t): "|" + c for t, c in TRANSPORT_CODES.items()}
 
 # Cumulative counters per incarnation and app (absolute totals, like connections).
 OPENED = "opened"
@@ -220,7 +220,7 @@ class Meter:
                 "metering.superseded",
                 frontend=self.frontend_id,
                 incarnation=self.incarnation,
-                hint="another process registered under the same frontend id; this one stops counting",
+                hint="another process took this frontend id; this one stops counting",
             )
             if self.on_superseded is not None:
                 self.on_superseded()
@@ -264,8 +264,13 @@ class Meter:
             counters = [(f, n) for f, n in counters_now.items() if sent_ctr.get(f) != n]
         if not full and not conns and not channels and not counters and self._registered:
             status = self.store.flush(
-                self.incarnation, full=False, timeout=self.liveness_timeout,
-                epoch=secrets.token_hex(8), conns=(), channels=(), counters=(),
+                self.incarnation,
+                full=False,
+                timeout=self.liveness_timeout,
+                epoch=secrets.token_hex(8),
+                conns=(),
+                channels=(),
+                counters=(),
             )
         else:
             status = self.store.flush(

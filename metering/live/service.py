@@ -117,5 +117,7 @@ async def websocket_count(
     """The app's WebSocket connections open now, on all frontends of all datacenters."""
     total = 0
     for reader in readers.values():
-        total += await reader.connections(app, Transport.WEBSOCKET, timeout=liveness_timeout)
+        total += await reader.connections(
+            app, Transport.WEBSOCKET, liveness_timeout=liveness_timeout
+        )
     return total

@@ -8,14 +8,15 @@ two in step. A datacenter's keys share the hash tag ``{<prefix>:<dc>}`` and the 
 from __future__ import annotations
 
 import weakref
-from itertools import islice
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from metering.core.redis import AsyncRedis, Redis
 
@@ -106,12 +107,20 @@ def _ints(values: list[Any]) -> list[int]:
     return [int(v) if v is not None else 0 for v in values]
 
 
-def _column(rows: Sequence[tuple[str, Any, tuple[int, ...]]], i: int) -> str:
-    return ",".join([str(after[i]) for _, _, after in rows])
+def _column(values: Sequence[tuple[int, ...]], i: int) -> str:
+    return ",".join([str(v[i]) for v in values])
 
 
-def _column_of(rows: Sequence[tuple[int, ...]], i: int) -> str:
-    return ",".join([str(r[i]) for r in rows])
+_Value = tuple[int, int, int, int]
+_Change = tuple[str, _Value, _Value]  # app, before, after
+
+
+@dataclass(slots=True)
+class _ChannelMoves:
+    delta: dict[str, int] = field(default_factory=dict)  # app -> change of its channel count
+    opened: dict[str, int] = field(default_factory=dict)  # app -> channels that became active
+    activated: list[str] = field(default_factory=list)
+    idled: list[str] = field(default_factory=list)
 
 
 def _s(value: Any) -> str:
@@ -213,7 +222,10 @@ class DatacenterStore:
 
     def incarnations(self) -> dict[str, int]:
         """Live incarnations and when each was last seen (ms, Redis clock)."""
-        return {_s(m): int(s) for m, s in self.client.zrange(self.key("frontends"), 0, -1, withscores=True)}
+        members: list[tuple[bytes, float]] = self.client.zrange(  # type: ignore[assignment]
+            self.key("frontends"), 0, -1, withscores=True
+        )
+        return {_s(m): int(s) for m, s in members}
 
 
 class AsyncDatacenterReader:
@@ -223,10 +235,9 @@ class AsyncDatacenterReader:
         self.client = client
         self.base = f"{{{prefix}:{datacenter}}}"
 
-    async def connections(self, app: str, transport: Transport, *, timeout: float) -> int:
-        raw = await READ.acall(
-            self.client, [self.base], [_ms(timeout), MAX_REAP, TRANSPORT_CODES[transport], app]
-        )
+    async def connections(self, app: str, transport: Transport, *, liveness_timeout: float) -> int:
+        args = [_ms(liveness_timeout), MAX_REAP, TRANSPORT_CODES[transport], app]
+        raw = await READ.acall(self.client, [self.base], args)
         return int(raw[0]) if raw[0] else 0
 
 
@@ -247,7 +258,6 @@ class LiveValue:
     @property
     def connections(self) -> int:
         return self.websocket + self.streaming + self.long_poll
-
 
 
 class GlobalStore:
@@ -294,7 +304,7 @@ class GlobalStore:
         """
         tick_key = self.key("tick")
         with self.client.pipeline(transaction=True) as txn:
-            txn.watch(tick_key)
+            txn.watch(tick_key)  # type: ignore[no-untyped-call]
             state = self._tick_state(txn.hgetall(tick_key))
             if state.second is not None and second <= state.second:
                 return False, 0, 0, 0
@@ -302,85 +312,40 @@ class GlobalStore:
                 if state.epochs.get(dc) == epoch and cursor < state.cursors.get(dc, 0):
                     return False, 0, 0, 0  # read older than the last commit
 
-            chan_ids = list(channels)
-            reads = self.client.pipeline(transaction=False)
-            _hmget_chunks(reads, self.key("live:channels"), chan_ids)
-            replies = iter(reads.execute())
-            was_active = [v is not None for v in _joined(replies, chan_ids)]
-
-            # Channels becoming active or idle move their app's channel count.
-            chan_delta: dict[str, int] = {}
-            opened: dict[str, int] = {}
-            chan_set: dict[str, int] = {}
-            chan_del: list[str] = []
-            for field, active, was in zip(chan_ids, channels.values(), was_active, strict=True):
-                if active == was:
-                    continue
-                app = field.split("|", 1)[0]
-                if active:
-                    chan_set[field] = 1
-                    chan_delta[app] = chan_delta.get(app, 0) + 1
-                    opened[app] = opened.get(app, 0) + 1
-                else:
-                    chan_del.append(field)
-                    chan_delta[app] = chan_delta.get(app, 0) - 1
-
-            apps = list(conns) + [a for a in chan_delta if a not in conns]
-            old = self._load("apps", apps)
-            changed: list[tuple[str, tuple[int, int, int, int], tuple[int, int, int, int]]] = []
-            for app, before in zip(apps, old, strict=True):
-                now = conns.get(app)
-                channels_now = before[3] + chan_delta.get(app, 0) if chan_delta else before[3]
-                if now is None:
-                    after = (before[0], before[1], before[2], channels_now)
-                else:
-                    after = (now[0], now[1], now[2], channels_now)
-                if after != before or app in opened:
-                    changed.append((app, before, after))
-
-            # An account's figures are the sum of its apps' at this tick: fold changes in.
-            owners = self._owners([app for app, _, _ in changed])
-            acct_delta: dict[str, list[int]] = {}
-            for (_app, b, a), owner in zip(changed, owners, strict=True):
-                if owner is not None:
-                    d = acct_delta.get(owner)
-                    if d is None:
-                        d = acct_delta[owner] = [0, 0, 0, 0]
-                    d[0] += a[0] - b[0]
-                    d[1] += a[1] - b[1]
-                    d[2] += a[2] - b[2]
-                    d[3] += a[3] - b[3]
-            accounts = [a for a, d in acct_delta.items() if any(d)]
-            acct_old = self._load("accounts", accounts)
-            acct_new = [
-                (o[0] + d[0], o[1] + d[1], o[2] + d[2], o[3] + d[3])
-                for o, d in zip(acct_old, (acct_delta[a] for a in accounts), strict=True)
-            ]
-
+            moves = self._channel_moves(channels)
+            changed = self._app_changes(conns, moves)
+            accounts = self._account_sums(changed)
             gap = 1 if state.second is None else second - state.second
+
             txn.multi()
-            if chan_set:
-                txn.hset(self.key("live:channels"), mapping=chan_set)
-            if chan_del:
-                txn.hdel(self.key("live:channels"), *chan_del)
+            if moves.activated:
+                txn.hset(self.key("live:channels"), mapping=dict.fromkeys(moves.activated, 1))
+            if moves.idled:
+                txn.hdel(self.key("live:channels"), *moves.idled)
             self._write(txn, "apps", [(a, after) for a, _, after in changed])
-            self._write(txn, "accounts", list(zip(accounts, acct_new, strict=True)))
+            self._write(txn, "accounts", accounts)
             app_ids = [a for a, _, _ in changed]
             txn.xadd(
                 self.key("samples"),
                 {
                     "gap": gap,
                     "apps": ",".join(app_ids),
-                    **{code: _column(changed, i) for i, code in enumerate(FIGURES)},
-                    "opened": ",".join([str(opened.get(a, 0)) for a in app_ids]),
-                    "accounts": ",".join(accounts),
-                    **{f"a{code}": _column_of(acct_new, i) for i, code in enumerate(FIGURES)},
+                    **{
+                        code: _column([a for _, _, a in changed], i)
+                        for i, code in enumerate(FIGURES)
+                    },
+                    "opened": ",".join([str(moves.opened.get(a, 0)) for a in app_ids]),
+                    "accounts": ",".join([a for a, _ in accounts]),
+                    **{
+                        f"a{code}": _column([v for _, v in accounts], i)
+                        for i, code in enumerate(FIGURES)
+                    },
                 },
                 id=f"{second * 1000}-0",
                 maxlen=maxlen,
                 approximate=True,
             )
-            mapping: dict[str, Any] = {"second": second}
+            mapping: dict[FieldT, EncodableT] = {"second": second}
             for dc, epoch, cursor in cursors:
                 mapping[f"epoch:{dc}"] = epoch
                 mapping[f"cursor:{dc}"] = cursor
@@ -390,6 +355,67 @@ class GlobalStore:
             except redis.WatchError:
                 return False, 0, 0, 0
         return True, gap, len(changed), len(accounts)
+
+    def _channel_moves(self, channels: dict[str, bool]) -> _ChannelMoves:
+        """Channels becoming active or idle globally, and how that moves each app's count."""
+        ids = list(channels)
+        reads = self.client.pipeline(transaction=False)
+        _hmget_chunks(reads, self.key("live:channels"), ids)
+        was_active = [v is not None for v in _joined(iter(reads.execute()), ids)]
+        moves = _ChannelMoves()
+        for chan, active, was in zip(ids, channels.values(), was_active, strict=True):
+            if active == was:
+                continue
+            app = chan.split("|", 1)[0]
+            step = 1 if active else -1
+            moves.delta[app] = moves.delta.get(app, 0) + step
+            if active:
+                moves.activated.append(chan)
+                moves.opened[app] = moves.opened.get(app, 0) + 1
+            else:
+                moves.idled.append(chan)
+        return moves
+
+    def _app_changes(
+        self, conns: dict[str, tuple[int, int, int]], moves: _ChannelMoves
+    ) -> list[_Change]:
+        """Each app whose global value moves: (app, before, after)."""
+        apps = list(conns) + [a for a in moves.delta if a not in conns]
+        changed: list[_Change] = []
+        for app, before in zip(apps, self._load("apps", apps), strict=True):
+            now = conns.get(app)
+            channels_now = before[3] + moves.delta.get(app, 0)
+            if now is None:
+                after = (before[0], before[1], before[2], channels_now)
+            else:
+                after = (now[0], now[1], now[2], channels_now)
+            if after != before or app in moves.opened:
+                changed.append((app, before, after))
+        return changed
+
+    def _account_sums(self, changed: list[_Change]) -> list[tuple[str, _Value]]:
+        """The new value of each account whose apps moved: its sum over its apps at this tick."""
+        owners = self._owners([app for app, _, _ in changed])
+        delta: dict[str, list[int]] = {}
+        for (_app, b, a), owner in zip(changed, owners, strict=True):
+            if owner is not None:
+                d = delta.get(owner)
+                if d is None:
+                    d = delta[owner] = [0, 0, 0, 0]
+                d[0] += a[0] - b[0]
+                d[1] += a[1] - b[1]
+                d[2] += a[2] - b[2]
+                d[3] += a[3] - b[3]
+        accounts = [a for a, d in delta.items() if any(d)]
+        return [
+            (acct, (o[0] + d[0], o[1] + d[1], o[2] + d[2], o[3] + d[3]))
+            for acct, o, d in zip(
+                accounts,
+                self._load("accounts", accounts),
+                (delta[a] for a in accounts),
+                strict=True,
+            )
+        ]
 
     def _load(self, scope: str, ids: Sequence[str]) -> list[tuple[int, int, int, int]]:
         reads = self.client.pipeline(transaction=False)
@@ -431,7 +457,9 @@ class GlobalStore:
 
     def samples(self, start: int = 0, count: int = 1000) -> list[tuple[int, Sample]]:
         """1-second samples from ``start`` (a second), oldest first."""
-        entries = self.client.xrange(self.key("samples"), min=f"{start * 1000}", count=count)
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = self.client.xrange(  # type: ignore[assignment]
+            self.key("samples"), min=f"{start * 1000}", count=count
+        )
         return [
             (int(_s(entry_id).split("-")[0]) // 1000, Sample.parse(fields))
             for entry_id, fields in entries

@@ -19,7 +19,8 @@ def datacenter_stores(settings: Settings) -> dict[str, DatacenterStore]:
 
 
 def datacenter_readers(settings: Settings) -> dict[str, AsyncDatacenterReader]:
+    """Readers on new async clients: the caller's event loop owns them and closes them."""
     return {
-        name: AsyncDatacenterReader(redis_clients.async_datacenter(name), settings.redis_prefix, name)
-        for name in settings.datacenter_urls
+        name: AsyncDatacenterReader(redis_clients.async_client(url), settings.redis_prefix, name)
+        for name, url in settings.datacenter_urls.items()
     }

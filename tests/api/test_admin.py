@@ -52,7 +52,10 @@ def test_counts_the_keys_app_websocket_connections_only(client: TestClient, env:
 def test_an_app_with_no_connections_counts_zero(client: TestClient) -> None:
     mine = tenant("platform")
     response = client.get("/admin/connection-count", headers={"IM-API-KEY": mine.key})
-    assert (response.status_code, response.json()) == (200, {"RC": 0, "RM": "OK", "result": {"count": 0}})
+    assert (response.status_code, response.json()) == (
+        200,
+        {"RC": 0, "RM": "OK", "result": {"count": 0}},
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,9 +87,8 @@ def test_a_key_without_platform_permission_gets_403(client: TestClient) -> None:
 
 
 def test_a_revoked_key_is_refused(client: TestClient, env: Env) -> None:
-    from metering.core.database import unit_of_work
     from metering.accounts.models import ApiKey
-    from metering.core.database import utcnow
+    from metering.core.database import unit_of_work, utcnow
 
     mine = tenant("platform")
     with unit_of_work() as session:

@@ -15,20 +15,46 @@ from tests.factories import tenant
 
 
 def test_worker_and_two_beats_tick_each_second_once(
-    env: Env, tmp_path: Path, start_gateway, clients: Clients  # noqa: F811
+    env: Env,
+    tmp_path: Path,
+    start_gateway,
+    clients: Clients,  # noqa: F811
 ) -> None:
     t = tenant("platform")
     celery = str(processes.BIN / "celery")
     child = env.child_env()
     worker = processes.Process(
-        [celery, "-A", "workers", "worker", "--loglevel", "INFO", "--concurrency", "2", "-n",
-         f"w-{env.prefix}@%h"],
-        child, ready="ready.", timeout=60,
+        [
+            celery,
+            "-A",
+            "workers",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "2",
+            "-n",
+            f"w-{env.prefix}@%h",
+        ],
+        child,
+        ready="ready.",
+        timeout=60,
     )
     beats = [
         processes.Process(
-            [celery, "-A", "workers", "beat", "--loglevel", "INFO", "-s", str(tmp_path / f"beat-{i}")],
-            child, ready="beat: Starting", timeout=60,
+            [
+                celery,
+                "-A",
+                "workers",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(tmp_path / f"beat-{i}"),
+            ],
+            child,
+            ready="beat: Starting",
+            timeout=60,
         )
         for i in range(2)
     ]

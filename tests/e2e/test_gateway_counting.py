@@ -72,6 +72,7 @@ class Clients:
         self.run(close_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+        self.loop.close()
 
 
 @pytest.fixture
@@ -96,7 +97,9 @@ def test_the_count_is_the_open_websockets_not_streams_or_rest(
         http = stack.enter_context(httpx.Client(timeout=10))
         for _ in range(2):
             stream = stack.enter_context(
-                http.stream("GET", f"http://127.0.0.1:{gw_a.port}/v1/stream?app={t.app_id}&channel=c")
+                http.stream(
+                    "GET", f"http://127.0.0.1:{gw_a.port}/v1/stream?app={t.app_id}&channel=c"
+                )
             )
             assert stream.status_code == 200
             next(stream.iter_lines())
@@ -170,10 +173,13 @@ def test_bad_input_gets_a_clear_error_and_counts_nothing_twice(
     admin = Admin(api_port, t.key)
     gw = start_gateway("gw-bad")
 
-    for app in ("999999", "not-a-number", ""):
+    async def attempt(app: str) -> None:
+        await connect(f"ws://127.0.0.1:{gw.port}/v1/realtime?app={app}")
+
+    for app, status in (("999999", 404), ("not-a-number", 404), ("", 400)):
         with pytest.raises(InvalidStatus) as refused:
-            clients.run(connect(f"ws://127.0.0.1:{gw.port}/v1/realtime?app={app}"))
-        assert refused.value.response.status_code in (400, 404)
+            clients.run(attempt(app))
+        assert refused.value.response.status_code == status
 
     (ws,) = clients.connect(gw.port, t.app_id, 1)
     for frame, code in [
@@ -194,5 +200,7 @@ def test_bad_input_gets_a_clear_error_and_counts_nothing_twice(
     rest = httpx.post(f"http://127.0.0.1:{gw.port}/v1/apps/{t.app_id}/messages", content=b"{oops")
     assert rest.status_code == 400
     assert rest.json()["error"]["code"] == 40000
-    rest = httpx.post(f"http://127.0.0.1:{gw.port}/v1/apps/424242/messages", json={"channel": "c", "data": 1})
+    rest = httpx.post(
+        f"http://127.0.0.1:{gw.port}/v1/apps/424242/messages", json={"channel": "c", "data": 1}
+    )
     assert rest.status_code == 404

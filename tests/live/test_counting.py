@@ -139,6 +139,7 @@ def test_concurrent_ticks_for_one_second_commit_exactly_once(stores) -> None:
         mine_dc = DatacenterStore(client, g.base[1:-1], "dc1")
         barrier.wait()
         results.append(run_tick(mine_g, {"dc1": mine_dc}, 7000).committed)
+        client.close()
 
     threads = [threading.Thread(target=racer) for _ in range(8)]
     for t in threads:
@@ -217,7 +218,12 @@ def test_a_repeated_or_lost_flush_heals_at_the_next_one(stores) -> None:
     fe.flush()
     # Replay the same absolute write (a retried network call): nothing is added twice.
     dc.flush(
-        fe.incarnation, full=False, timeout=3, epoch="x", conns=[("1|w", 1)], channels=[],
+        fe.incarnation,
+        full=False,
+        timeout=3,
+        epoch="x",
+        conns=[("1|w", 1)],
+        channels=[],
         counters=[],
     )
     fe.connection_opened("1")
@@ -262,7 +268,10 @@ def test_a_datacenter_redis_that_restarts_is_resynced_without_losing_the_others(
     dc2_client = redis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/1")
     g = GlobalStore(primary, env.prefix)
     primary.hset(g.key("apps"), mapping={"1": "100"})
-    dc1, dc2 = DatacenterStore(primary, env.prefix, "dc1"), DatacenterStore(dc2_client, env.prefix, "dc2")
+    dc1, dc2 = (
+        DatacenterStore(primary, env.prefix, "dc1"),
+        DatacenterStore(dc2_client, env.prefix, "dc2"),
+    )
     dcs = {"dc1": dc1, "dc2": dc2}
     try:
         a, b = meter(dc1, "fe-a"), meter(dc2, "fe-b")

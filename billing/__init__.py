@@ -1,0 +1,4 @@
+"""Monthly invoices built on the rollups: pricing, month close, exports.
+
+Imports ``metering``; ``metering`` never imports it.
+"""
