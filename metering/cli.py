@@ -31,6 +31,14 @@ app.add_typer(accounts_app, name="accounts")
 app.add_typer(apps_app, name="apps")
 app.add_typer(keys_app, name="keys")
 
+
+@app.callback()
+def _root() -> None:
+    # Every command needs valid settings: check them first, so a bad variable is one clear
+    # line whichever command meets it.
+    _settings()
+
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 

@@ -4,10 +4,12 @@ and real processes (gateway, API, Celery) started from the installed ``metering`
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -17,6 +19,7 @@ from metering.core import database
 from metering.core import redis as redis_clients
 from metering.core.migrate import upgrade
 from metering.core.settings import Settings, get_settings
+from tests import processes
 
 ADMIN_DATABASE_URL = os.environ.get(
     "METERING_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -97,3 +100,59 @@ def env(
     for key in redis_server.scan_iter(match=f"{{{prefix}*", count=1000):
         redis_server.delete(key)
     _reset_caches()
+
+
+class Admin:
+    """Reads ``/admin/connection-count`` like an operator's poller."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.url = f"http://127.0.0.1:{port}/admin/connection-count"
+        self.key = key
+
+    def count(self, *, unavailable_ok: bool = False) -> int | None:
+        """The count; with ``unavailable_ok``, None for the 503 given while Redis is away."""
+        response = httpx.get(self.url, headers={"IM-API-KEY": self.key}, timeout=5)
+        if unavailable_ok and response.status_code == 503:
+            assert response.json()["error"]["code"] == "UNAVAILABLE"
+            return None
+        assert response.status_code == 200, response.text
+        value: int = response.json()["result"]["count"]
+        return value
+
+    def wait_for(
+        self, expected: int, timeout: float = 5.0, *, unavailable_ok: bool = False
+    ) -> float:
+        """Seconds until the count equals ``expected``."""
+        started = time.monotonic()
+        seen = None
+        while (elapsed := time.monotonic() - started) < timeout:
+            seen = self.count(unavailable_ok=unavailable_ok)
+            if seen == expected:
+                return elapsed
+            time.sleep(0.05)
+        raise AssertionError(f"count stayed {seen}, expected {expected} within {timeout}s")
+
+
+@pytest.fixture
+def api_port(env: Env) -> Iterator[int]:
+    port = processes.free_port()
+    proc = processes.api(env.child_env(), port)
+    yield port
+    proc.stop()
+
+
+@pytest.fixture
+def start_gateway(env: Env) -> Iterator[Callable[..., processes.Process]]:
+    started: list[processes.Process] = []
+
+    def start(
+        frontend_id: str = "gw-1", port: int | None = None, **extra: str
+    ) -> processes.Process:
+        proc = processes.gateway(env.child_env(**extra), port or processes.free_port(), frontend_id)
+        proc.port = int(proc.wait_for("listening on").rsplit(":", 1)[1])  # type: ignore[attr-defined]
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

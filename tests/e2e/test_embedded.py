@@ -13,7 +13,7 @@ import httpx
 from websockets.asyncio.client import connect
 
 from tests import processes
-from tests.e2e.conftest import Admin
+from tests.conftest import Admin
 
 ROOT = Path(__file__).resolve().parents[2]
 

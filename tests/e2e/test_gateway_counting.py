@@ -14,8 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import Env
-from tests.e2e.conftest import Admin
+from tests.conftest import Admin, Env
 from tests.factories import tenant
 
 LIVENESS_TIMEOUT = 3.0

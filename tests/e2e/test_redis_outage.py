@@ -11,8 +11,7 @@ import pytest
 
 from metering.core.settings import get_settings
 from tests import processes
-from tests.conftest import Env, _reset_caches
-from tests.e2e.conftest import Admin
+from tests.conftest import Admin, Env, _reset_caches
 from tests.e2e.test_gateway_counting import Clients, clients  # noqa: F401 (fixture)
 from tests.factories import tenant
 
