@@ -197,6 +197,11 @@ def api(
     from metering.core.logging import configure  # noqa: PLC0415
 
     settings = _settings()
+    if settings.embedded:
+        fail(
+            "a standalone API needs the Redis its gateways and workers use: set "
+            "METERING_REDIS_URL (or use `metering run`, which embeds everything)"
+        )
     configure(settings.log_level, json=settings.log_json)
     host, port = host or settings.api_host, port or settings.api_port
     typer.echo(f"API listening on http://{host}:{port} (OpenAPI: /openapi.json)")

@@ -141,3 +141,14 @@ def test_simulate_drives_a_gateway_with_real_clients_and_shows_progress(
     assert summary["published"] >= 30
     assert summary["received"] > 0
     assert "open=6" in result.stderr  # a progress line each second
+
+
+def test_standalone_servers_refuse_the_in_process_redis(env: Env) -> None:
+    # Alone, each would count only itself: the API would answer zero forever.
+    child = env.child_env()
+    del child["METERING_REDIS_URL"]
+    for args in (("api",), ("gateway", "--port", "0")):
+        result = run(child, *args)
+        assert result.returncode == 1
+        assert "METERING_REDIS_URL" in result.stderr
+        assert "metering run" in result.stderr
