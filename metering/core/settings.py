@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     sample_retention: int = 86_400
     registry_refresh_interval: timedelta = timedelta(seconds=30)
     key_cache_ttl: timedelta = timedelta(seconds=10)
+    # How long the API reuses a live count it just read for the same app (0: never).
+    count_cache_ttl: timedelta = timedelta(milliseconds=50)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -60,6 +62,7 @@ class Settings(BaseSettings):
         "tick_interval",
         "registry_refresh_interval",
         "key_cache_ttl",
+        "count_cache_ttl",
         mode="before",
     )
     @classmethod

@@ -9,6 +9,7 @@ it once.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Mapping
@@ -111,13 +112,50 @@ def tick(
     return result
 
 
-async def websocket_count(
-    readers: Mapping[str, AsyncDatacenterReader], app: str, *, liveness_timeout: float
-) -> int:
-    """The app's WebSocket connections open now, on all frontends of all datacenters."""
-    total = 0
-    for reader in readers.values():
-        total += await reader.connections(
-            app, Transport.WEBSOCKET, liveness_timeout=liveness_timeout
-        )
-    return total
+class LiveCounts:
+    """Live counts read from the datacenter totals at the moment of the call.
+
+    Reads of one app are coalesced: a caller arriving while a read is under way, or within
+    ``reuse`` seconds after one finished, gets that read's result instead of adding its own
+    Redis round trip. Under load this turns N reads of a hot app into one per window, and adds
+    at most ``reuse`` seconds of staleness to a count the flush already delays by ~20 ms.
+    """
+
+    _MAX_ENTRIES = 100_000
+
+    def __init__(
+        self,
+        readers: Mapping[str, AsyncDatacenterReader],
+        *,
+        liveness_timeout: float,
+        reuse: float = 0.0,
+    ) -> None:
+        self.readers = readers
+        self.liveness_timeout = liveness_timeout
+        self.reuse = reuse
+        self._reads: dict[str, tuple[float, asyncio.Future[int]]] = {}
+
+    async def websocket(self, app: str) -> int:
+        """The app's WebSocket connections open now, on all frontends of all datacenters."""
+        now = time.monotonic()
+        entry = self._reads.get(app)
+        if entry is not None:
+            started, read = entry
+            if not read.done():
+                # Shielded: one caller going away must not cancel the read the others await.
+                return await asyncio.shield(read)
+            if now - started < self.reuse and read.exception() is None:
+                return read.result()
+        if len(self._reads) >= self._MAX_ENTRIES:
+            self._reads = {k: v for k, v in self._reads.items() if not v[1].done()}
+        read = asyncio.ensure_future(self._read(app, Transport.WEBSOCKET))
+        self._reads[app] = (now, read)
+        return await asyncio.shield(read)
+
+    async def _read(self, app: str, transport: Transport) -> int:
+        total = 0
+        for reader in self.readers.values():
+            total += await reader.connections(
+                app, transport, liveness_timeout=self.liveness_timeout
+            )
+        return total
