@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     flush_interval: timedelta = timedelta(milliseconds=250)
     flush_min_interval: timedelta = timedelta(milliseconds=20)
     tick_interval: timedelta = timedelta(seconds=1)
-    # How many 1-second samples the live stream keeps for the rollups to read.
-    sample_retention: int = 86_400
+    # How many 1-second samples the live stream keeps for the rollups to read (an hour: an
+    # entry holds what changed in its second, which for 100k busy apps is a few hundred KB).
+    sample_retention: int = 3_600
     registry_refresh_interval: timedelta = timedelta(seconds=30)
     key_cache_ttl: timedelta = timedelta(seconds=10)
     # How long the API reuses a live count it just read for the same app (0: never).
