@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from metering.core.redis import AsyncRedis, Redis
+from metering.core.redis import Redis
 
 
 def registry_key(prefix: str) -> str:
@@ -42,13 +42,3 @@ class RegistryStore:
             (k.decode() if isinstance(k, bytes) else k): int(v)
             for k, v in self.client.hgetall(self.key).items()
         }
-
-
-class AsyncRegistryStore:
-    def __init__(self, client: AsyncRedis, prefix: str) -> None:
-        self.client = client
-        self.key = registry_key(prefix)
-
-    async def owner(self, app: str) -> int | None:
-        value = await self.client.hget(self.key, app)
-        return int(value) if value is not None else None

@@ -29,12 +29,6 @@ class ValidationError(MeteringError):
     rm = "Bad Request"
 
 
-class ConflictError(MeteringError):
-    status = 409
-    code = "CONFLICT"
-    rm = "Conflict"
-
-
 class AuthenticationError(MeteringError):
     status = 401
     code = "INVALID_API_KEY"
@@ -45,9 +39,3 @@ class PermissionDeniedError(MeteringError):
     status = 403
     code = "PERMISSION_DENIED"
     rm = "Forbidden"
-
-
-class UnavailableError(MeteringError):
-    status = 503
-    code = "UNAVAILABLE"
-    rm = "Service Unavailable"

@@ -19,9 +19,3 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
-
-
-def current_head() -> str | None:
-    from alembic.script import ScriptDirectory  # noqa: PLC0415
-
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

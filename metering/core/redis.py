@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -77,17 +76,3 @@ def reset_clients() -> None:
     for client in _clients.values():
         client.close()
     _clients.clear()
-
-
-class Script:
-    """A Lua script from a ``.lua`` file beside its store, loaded once and called by SHA."""
-
-    def __init__(self, path: Path) -> None:
-        self.source = path.read_text()
-        self.name = path.stem
-
-    def __call__(self, client: Redis, keys: list[str], args: list[Any]) -> Any:
-        return client.register_script(self.source)(keys=keys, args=args)
-
-    async def acall(self, client: AsyncRedis, keys: list[str], args: list[Any]) -> Any:
-        return await client.register_script(self.source)(keys=keys, args=args)

@@ -146,14 +146,6 @@ class Meter:
         m[2] += count
         m[3] += nbytes * count
 
-    # -- reading what this frontend holds -------------------------------------------------
-
-    def connections(self, app: str, transport: str = "websocket") -> int:
-        return self._conns.get(app + _SUFFIX[transport], 0)
-
-    def counter(self, app: str, name: str) -> int:
-        return self._counters().get(app + "|" + name, 0)
-
     @property
     def superseded(self) -> bool:
         return self._superseded
