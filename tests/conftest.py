@@ -120,7 +120,12 @@ class Admin:
         return value
 
     def wait_for(
-        self, expected: int, timeout: float = 5.0, *, unavailable_ok: bool = False
+        self,
+        expected: int,
+        timeout: float = 5.0,
+        *,
+        unavailable_ok: bool = False,
+        poll: float = 0.05,
     ) -> float:
         """Seconds until the count equals ``expected``."""
         started = time.monotonic()
@@ -129,7 +134,7 @@ class Admin:
             seen = self.count(unavailable_ok=unavailable_ok)
             if seen == expected:
                 return elapsed
-            time.sleep(0.05)
+            time.sleep(poll)
         raise AssertionError(f"count stayed {seen}, expected {expected} within {timeout}s")
 
 
