@@ -1,0 +1,1 @@
+"""Usage rollups: periods (minute, hour, day, month, UTC), aggregation, the stats API."""
