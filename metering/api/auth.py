@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from metering.accounts import service as accounts
 from metering.accounts.schemas import KeyInfo
+from metering.core.coalesce import Coalescer
 from metering.core.database import unit_of_work
 from metering.core.errors import AuthenticationError, PermissionDeniedError
 
@@ -26,35 +24,16 @@ class KeyCache:
     """Digest -> key info (or None: unknown) for ``ttl`` seconds.
 
     Revoking a key takes effect within ``ttl``. Entries are keyed by the key's digest, never
-    the key itself. When an entry expires under load, the requests that miss together share
-    one database lookup instead of each running their own.
+    the key itself. Requests that miss together share one database lookup.
     """
 
-    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
-        self._loading: dict[str, asyncio.Future[KeyInfo | None]] = {}
+    def __init__(self, ttl: float) -> None:
+        self._cache: Coalescer[str, KeyInfo | None] = Coalescer(ttl)
 
     async def lookup(self, key: str) -> KeyInfo | None:
-        digest = accounts.digest(key)
-        hit = self._entries.get(digest)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        loading = self._loading.get(digest)
-        if loading is None:
-            loading = asyncio.ensure_future(run_in_threadpool(self._load, key))
-            self._loading[digest] = loading
-            loading.add_done_callback(lambda done: self._store(digest, done))
-        return await asyncio.shield(loading)
-
-    def _store(self, digest: str, done: asyncio.Future[KeyInfo | None]) -> None:
-        self._loading.pop(digest, None)
-        if done.cancelled() or done.exception() is not None:
-            return  # not cached: the next request tries again
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[digest] = (time.monotonic() + self.ttl, done.result())
+        return await self._cache.get(
+            accounts.digest(key), lambda: run_in_threadpool(self._load, key)
+        )
 
     @staticmethod
     def _load(key: str) -> KeyInfo | None:

@@ -9,12 +9,12 @@ it once.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from metering.core.coalesce import Coalescer
 from metering.core.logging import get_logger
 from metering.live.store import AsyncDatacenterReader, DatacenterStore, GlobalStore, Transport
 
@@ -116,12 +116,10 @@ class LiveCounts:
     """Live counts read from the datacenter totals at the moment of the call.
 
     Reads of one app are coalesced: a caller arriving while a read is under way, or within
-    ``reuse`` seconds after one finished, gets that read's result instead of adding its own
+    ``reuse`` seconds after one started, gets that read's result instead of adding its own
     Redis round trip. Under load this turns N reads of a hot app into one per window, and adds
     at most ``reuse`` seconds of staleness to a count the flush already delays by ~20 ms.
     """
-
-    _MAX_ENTRIES = 100_000
 
     def __init__(
         self,
@@ -132,25 +130,11 @@ class LiveCounts:
     ) -> None:
         self.readers = readers
         self.liveness_timeout = liveness_timeout
-        self.reuse = reuse
-        self._reads: dict[str, tuple[float, asyncio.Future[int]]] = {}
+        self._reads: Coalescer[str, int] = Coalescer(reuse)
 
     async def websocket(self, app: str) -> int:
         """The app's WebSocket connections open now, on all frontends of all datacenters."""
-        now = time.monotonic()
-        entry = self._reads.get(app)
-        if entry is not None:
-            started, read = entry
-            if not read.done():
-                # Shielded: one caller going away must not cancel the read the others await.
-                return await asyncio.shield(read)
-            if now - started < self.reuse and read.exception() is None:
-                return read.result()
-        if len(self._reads) >= self._MAX_ENTRIES:
-            self._reads = {k: v for k, v in self._reads.items() if not v[1].done()}
-        read = asyncio.ensure_future(self._read(app, Transport.WEBSOCKET))
-        self._reads[app] = (now, read)
-        return await asyncio.shield(read)
+        return await self._reads.get(app, lambda: self._read(app, Transport.WEBSOCKET))
 
     async def _read(self, app: str, transport: Transport) -> int:
         total = 0
