@@ -229,13 +229,18 @@ def gateway(
             "a standalone gateway needs a real Redis shared with the engine: set "
             "METERING_REDIS_URL (or use `metering run`, which embeds one)"
         )
+    datacenter = datacenter or settings.datacenter
+    try:
+        settings.datacenter_url(datacenter)
+    except ValueError as exc:
+        fail(str(exc))
     configure(settings.log_level, json=settings.log_json)
     run_gateway(
         settings,
         host=host or settings.gateway_host,
         port=port or settings.gateway_port,
         frontend_id=frontend_id or settings.gateway_frontend_id,
-        datacenter=datacenter or settings.datacenter,
+        datacenter=datacenter,
     )
 
 

@@ -152,3 +152,11 @@ def test_standalone_servers_refuse_the_in_process_redis(env: Env) -> None:
         assert result.returncode == 1
         assert "METERING_REDIS_URL" in result.stderr
         assert "metering run" in result.stderr
+
+
+def test_a_gateway_in_a_datacenter_the_engine_does_not_read_is_refused(env: Env) -> None:
+    # Its counts would go where no tick and no API look: lost without a word.
+    result = run(env.child_env(), "gateway", "--port", "0", "--datacenter", "nowhere")
+    assert result.returncode == 1
+    assert "datacenter 'nowhere' is not one the engine reads (dc1)" in result.stderr
+    assert "Traceback" not in result.stderr

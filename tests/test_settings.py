@@ -36,6 +36,7 @@ def test_datacenters_and_durations_parse_from_the_environment(
     ("name", "value"),
     [
         ("METERING_DATACENTERS", "eu"),
+        ("METERING_DATACENTERS", "e:u=redis://a:6379/0"),
         ("METERING_DATACENTER", "dc:1"),
         ("METERING_REDIS_PREFIX", "a{b}"),
         ("METERING_LIVENESS_TIMEOUT", "-1"),

@@ -59,7 +59,7 @@ def primary() -> Redis:
 
 
 def datacenter(name: str) -> Redis:
-    return _cached(get_settings().datacenter_urls[name])
+    return _cached(get_settings().datacenter_url(name))
 
 
 def sync_client(url: str) -> Redis:

@@ -86,16 +86,13 @@ class Settings(BaseSettings):
             name, sep, url = item.partition("=")
             if not sep or not name.strip() or not url.strip():
                 raise ValueError(f"expected dc=url pairs separated by commas, got {item!r}")
-            pairs[name.strip()] = url.strip()
+            pairs[_hash_tag_safe(name.strip())] = url.strip()
         return pairs
 
     @field_validator("redis_prefix", "datacenter")
     @classmethod
     def _no_braces(cls, value: str) -> str:
-        # Both go inside a Redis Cluster hash tag, where braces and ':' would change the slot.
-        if not value or any(ch in value for ch in "{}: "):
-            raise ValueError("must be non-empty, without braces, colons or spaces")
-        return value
+        return _hash_tag_safe(value)
 
     @model_validator(mode="after")
     def _no_unknown_variables(self) -> Settings:
@@ -124,9 +121,30 @@ class Settings(BaseSettings):
         """Each datacenter and its Redis URL; by default this one, in the primary Redis."""
         return dict(self.datacenters) or {self.datacenter: self.redis_url}
 
+    def datacenter_url(self, name: str) -> str:
+        """The Redis of datacenter ``name``; an error for one the engine does not read.
+
+        Counts written to a datacenter missing here would be read by no tick and no API.
+        """
+        urls = self.datacenter_urls
+        if name not in urls:
+            raise ValueError(
+                f"datacenter {name!r} is not one the engine reads ({', '.join(sorted(urls))}); "
+                "set METERING_DATACENTER, or list it in METERING_DATACENTERS"
+            )
+        return urls[name]
+
     @property
     def embedded(self) -> bool:
         return self.redis_url == EMBEDDED_REDIS_URL
+
+
+def _hash_tag_safe(value: str) -> str:
+    # Prefixes and datacenter names go inside a Redis Cluster hash tag, where braces and ':'
+    # would change the slot.
+    if not value or any(ch in value for ch in "{}: "):
+        raise ValueError(f"{value!r} must be non-empty, without braces, colons or spaces")
+    return value
 
 
 @functools.cache

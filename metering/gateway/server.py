@@ -553,12 +553,9 @@ def build_meter(
 ) -> Meter:
     """A Meter writing to ``datacenter``'s Redis (not started).
 
-    A datacenter missing from ``settings.datacenter_urls`` writes to the primary Redis (a
-    single-Redis deployment); with the embedded ``memory://`` everything is the in-process one.
+    Raises ValueError for a datacenter the engine does not read (see Settings.datacenter_url).
     """
-    if not datacenter or any(ch in datacenter for ch in "{}: "):
-        raise ValueError("the datacenter name must be non-empty, without braces, colons or spaces")
-    url = settings.datacenter_urls.get(datacenter, settings.redis_url)
+    url = settings.datacenter_url(datacenter)
     store = DatacenterStore(redis_clients.sync_client(url), settings.redis_prefix, datacenter)
     return Meter(
         store,
