@@ -83,10 +83,6 @@ class AppRegistry:
                 # Keep serving the last copy: known apps keep working while Redis is away.
                 log.warning("gateway.registry_refresh_failed", error=str(exc))
 
-    def cached(self, app: str) -> int | None:
-        """The account of a known app, without any lookup."""
-        return self._apps.get(app)
-
     async def resolve(self, app: str) -> int | None:
         """The account that owns ``app``, or None if the app is unknown (or Redis is down)."""
         account = self._apps.get(app)

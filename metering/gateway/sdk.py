@@ -86,8 +86,6 @@ class Meter:
         self._registered = False
         self._superseded = False
         self.flushes = 0
-        self.failures = 0
-        self.last_flush_at = 0.0
 
     # -- events: the hot path ------------------------------------------------------------
     # Call these from one thread (a gateway's event loop): they take no lock. The flush thread
@@ -190,7 +188,6 @@ class Meter:
                 self.flush()
                 backoff = self.flush_min_interval
             except redis.RedisError as exc:
-                self.failures += 1
                 log.warning("metering.flush_failed", frontend=self.frontend_id, error=str(exc))
                 backoff = min(backoff * 2, self.flush_interval)
             last = time.monotonic()
@@ -282,7 +279,6 @@ class Meter:
             self._sent_channels = channels_now
             self._sent_counters = counters_now
         self.flushes += 1
-        self.last_flush_at = time.monotonic()
         return status
 
 
