@@ -11,23 +11,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-import psycopg
 import redis
-from sqlalchemy.engine import URL, make_url
 
-from metering.accounts import service
-from metering.accounts.store import RegistryStore
-from metering.core import database
-from metering.core import redis as redis_clients
-from metering.core.database import unit_of_work
-from metering.core.migrate import upgrade
-from metering.core.settings import get_settings
 from tests import processes
-
-REDIS_URL = os.environ.get("METERING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-ADMIN_DATABASE_URL = os.environ.get(
-    "METERING_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+from tests.factories import tenant
+from tests.scratch import REDIS_URL, delete_keys, reset_caches, scratch_database
 
 
 @contextmanager
@@ -36,8 +24,7 @@ def scratch_prefix(client: redis.Redis) -> Iterator[str]:
     try:
         yield prefix
     finally:
-        for key in client.scan_iter(match=f"{{{prefix}*", count=5000):
-            client.delete(key)
+        delete_keys(client, prefix)
 
 
 def row(*cells: object, widths: tuple[int, ...] = (34, 14, 14, 10)) -> str:
@@ -63,56 +50,34 @@ class Scratch:
         return env
 
 
-def _reset_caches() -> None:
-    database.reset()
-    redis_clients.reset_clients()
-    get_settings.cache_clear()
-
-
-def _render(url: URL) -> str:
-    return url.render_as_string(hide_password=False)
-
-
 @contextmanager
 def scratch_engine() -> Iterator[Scratch]:
     """Create the database and tenant, point this process at them; drop it all at the end."""
-    name = f"metering_bench_{uuid.uuid4().hex[:10]}"
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    admin = _render(make_url(ADMIN_DATABASE_URL).set(drivername="postgresql"))  # for psycopg
-    url = _render(make_url(ADMIN_DATABASE_URL).set(database=name))
-    values = {
-        "METERING_DATABASE_URL": url,
-        "METERING_REDIS_URL": REDIS_URL,
-        "METERING_REDIS_PREFIX": prefix,
-        "METERING_DATACENTER": "dc1",
-    }
     saved = {k: v for k, v in os.environ.items() if k.startswith("METERING_")}
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        upgrade(url)
-        for k in saved:
-            if not k.startswith("METERING_TEST_"):
-                del os.environ[k]
-        os.environ.update(values)
-        _reset_caches()
-        with unit_of_work() as session:
-            account_id = service.create_account(session, "bench").id
-            app_id = service.create_app(session, account_id, "bench-app").id
-            key = service.create_key(session, app_id, ["platform"]).key
-        RegistryStore(redis_clients.primary(), prefix).publish({app_id: account_id})
-        yield Scratch(vars=values, prefix=prefix, app_id=app_id, key=key)
-    finally:
-        _reset_caches()
-        for k in values:
-            os.environ.pop(k, None)
-        os.environ.update(saved)
-        client = redis.Redis.from_url(REDIS_URL)
-        for k in client.scan_iter(match=f"{{{prefix}*", count=5000):
-            client.delete(k)
-        client.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("bench") as url:
+        values = {
+            "METERING_DATABASE_URL": url,
+            "METERING_REDIS_URL": REDIS_URL,
+            "METERING_REDIS_PREFIX": prefix,
+            "METERING_DATACENTER": "dc1",
+        }
+        try:
+            for k in saved:
+                if not k.startswith("METERING_TEST_"):
+                    del os.environ[k]
+            os.environ.update(values)
+            reset_caches()
+            t = tenant("platform", name="bench")
+            yield Scratch(vars=values, prefix=prefix, app_id=t.app_id, key=t.key)
+        finally:
+            reset_caches()
+            for k in values:
+                os.environ.pop(k, None)
+            os.environ.update(saved)
+            client = redis.Redis.from_url(REDIS_URL)
+            delete_keys(client, prefix)
+            client.close()
 
 
 def exit_on_sigterm() -> None:

@@ -10,41 +10,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
-import psycopg
 import pytest
 import redis
-from sqlalchemy.engine import make_url
 
 from metering.core import database
-from metering.core import redis as redis_clients
-from metering.core.migrate import upgrade
 from metering.core.settings import Settings, get_settings
 from tests import processes
+from tests.scratch import REDIS_URL, delete_keys, reset_caches, scratch_database
 
-ADMIN_DATABASE_URL = os.environ.get(
-    "METERING_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("METERING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = ("api_keys", "apps", "accounts", "package_limits", "packages")
-
-
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database of this test session's own, built by the Alembic migrations."""
-    name = f"metering_test_{uuid.uuid4().hex[:10]}"
-    admin = _libpq(ADMIN_DATABASE_URL)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(ADMIN_DATABASE_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    database.reset()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -70,11 +51,13 @@ class Env:
         env.update(extra)
         return env
 
-
-def _reset_caches() -> None:
-    database.reset()
-    redis_clients.reset_clients()
-    get_settings.cache_clear()
+    def override(self, monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+        """Change settings for the rest of the test, here and in the processes it starts."""
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+            self.vars[name] = value
+        reset_caches()
+        self.settings = get_settings()
 
 
 @pytest.fixture
@@ -93,13 +76,12 @@ def env(
         monkeypatch.delenv(key)
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    _reset_caches()
+    reset_caches()
     yield Env(vars=values, settings=get_settings(), prefix=prefix, redis=redis_server)
     with database.get_engine().begin() as conn:
         conn.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-    for key in redis_server.scan_iter(match=f"{{{prefix}*", count=1000):
-        redis_server.delete(key)
-    _reset_caches()
+    delete_keys(redis_server, prefix)
+    reset_caches()
 
 
 class Admin:

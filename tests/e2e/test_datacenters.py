@@ -8,13 +8,13 @@ import time
 import pytest
 import redis
 
-from metering.core.settings import get_settings
 from metering.live.service import tick
 from metering.live.wiring import datacenter_stores, global_store
 from tests import processes
-from tests.conftest import REDIS_URL, Admin, Env, _reset_caches
+from tests.conftest import Admin, Env
 from tests.e2e.test_gateway_counting import Clients, clients  # noqa: F401 (fixture)
 from tests.factories import tenant
+from tests.scratch import REDIS_URL, delete_keys
 
 OTHER_DB = REDIS_URL.rsplit("/", 1)[0] + "/2"
 
@@ -24,11 +24,7 @@ def test_counts_and_ticks_span_datacenters(
     monkeypatch: pytest.MonkeyPatch,
     clients: Clients,  # noqa: F811
 ) -> None:
-    datacenters = f"eu={REDIS_URL},us={OTHER_DB}"
-    monkeypatch.setenv("METERING_DATACENTERS", datacenters)
-    env.vars["METERING_DATACENTERS"] = datacenters
-    _reset_caches()
-    env.settings = get_settings()
+    env.override(monkeypatch, METERING_DATACENTERS=f"eu={REDIS_URL},us={OTHER_DB}")
     t = tenant("platform")
     other = redis.Redis.from_url(OTHER_DB)
     started: list[processes.Process] = []
@@ -61,6 +57,5 @@ def test_counts_and_ticks_span_datacenters(
     finally:
         for proc in started:
             proc.stop()
-        for key in other.scan_iter(match=f"{{{env.prefix}*"):
-            other.delete(key)
+        delete_keys(other, env.prefix)
         other.close()

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from metering.core.settings import get_settings
 from tests import processes
-from tests.conftest import Admin, Env, _reset_caches
+from tests.conftest import Admin, Env
 from tests.e2e.test_gateway_counting import Clients, clients  # noqa: F401 (fixture)
 from tests.factories import tenant
+from tests.scratch import reset_caches
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -43,11 +43,7 @@ def own_redis(
 ) -> Iterator[tuple[int, list[processes.Process]]]:
     port = processes.free_port()
     servers = [start_redis(port)]
-    url = f"redis://127.0.0.1:{port}/0"
-    monkeypatch.setenv("METERING_REDIS_URL", url)
-    env.vars["METERING_REDIS_URL"] = url
-    _reset_caches()
-    env.settings = get_settings()
+    env.override(monkeypatch, METERING_REDIS_URL=f"redis://127.0.0.1:{port}/0")
     yield port, servers
     for server in servers:
         server.stop()
@@ -83,7 +79,7 @@ def test_counts_recover_after_redis_restarts_empty(
         from metering.accounts.store import RegistryStore
         from metering.core import redis as redis_clients
 
-        _reset_caches()
+        reset_caches()
         sync_registry(RegistryStore(redis_clients.primary(), env.prefix))
         admin.wait_for(4, timeout=10, unavailable_ok=True)
         time.sleep(1.0)

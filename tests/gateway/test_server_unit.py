@@ -29,8 +29,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from metering.accounts.store import RegistryStore
 from metering.gateway.registry import AppRegistry, valid_app_id
 from metering.live.store import DatacenterStore
+from tests.scratch import REDIS_URL, delete_keys
 
-REDIS_URL = os.environ.get("METERING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 APP, OTHER_APP = "1", "2"
 MAX_CHANNELS = 5
 
@@ -90,8 +90,7 @@ def prefix() -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:8]}"
     RegistryStore(client, name).publish({int(APP): 1, int(OTHER_APP): 1})
     yield name
-    for key in client.scan_iter(match=f"{{{name}*", count=1000):
-        client.delete(key)
+    delete_keys(client, name)
     client.close()
 
 

@@ -13,7 +13,8 @@ import redis
 from metering.gateway.sdk import Meter
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore, LiveValue, Transport
-from tests.conftest import REDIS_URL, Env
+from tests.conftest import Env
+from tests.scratch import REDIS_URL, delete_keys
 
 
 @pytest.fixture
@@ -248,8 +249,7 @@ def test_counts_survive_redis_losing_everything(stores, env: Env) -> None:
 
     # Redis restarts empty (only this test's keys, so other tests are untouched); the registry
     # comes back with the next sync. fe-b died with it and never reports again.
-    for key in env.redis.scan_iter(match=f"{{{env.prefix}*"):
-        env.redis.delete(key)
+    delete_keys(env.redis, env.prefix)
     env.redis.hset(g.key("apps"), mapping={"1": "100", "2": "100"})
     fe.connection_opened("1")
     assert fe.flush() in ("ok", "replaced")
@@ -292,8 +292,7 @@ def test_a_datacenter_redis_that_restarts_is_resynced_without_losing_the_others(
         run_tick(g, dcs, 101)
         assert g.app_value("1").channels == 2  # still attached in dc2
 
-        for key in dc2_client.scan_iter(match=f"{{{env.prefix}*"):
-            dc2_client.delete(key)
+        delete_keys(dc2_client, env.prefix)
         b.connection_closed("1")
         b.flush()  # unknown to the emptied Redis: resyncs its whole state
         result = run_tick(g, dcs, 102)
@@ -301,8 +300,7 @@ def test_a_datacenter_redis_that_restarts_is_resynced_without_losing_the_others(
         assert g.app_value("1") == LiveValue(4, 0, 0, 2)
         assert g.account_value("100") == LiveValue(4, 0, 0, 2)
     finally:
-        for key in dc2_client.scan_iter(match=f"{{{env.prefix}*"):
-            dc2_client.delete(key)
+        delete_keys(dc2_client, env.prefix)
         dc2_client.close()
         primary.close()
 
