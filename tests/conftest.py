@@ -18,7 +18,10 @@ from metering.core.settings import Settings, get_settings
 from tests import processes
 from tests.scratch import REDIS_URL, delete_keys, reset_caches, scratch_database
 
-TABLES = ("api_keys", "apps", "accounts", "package_limits", "packages")
+TABLES = (
+    "api_keys", "apps", "accounts", "package_limits", "packages",
+    "usage_state", "usage_rollups", "usage_gaps", "usage_marks",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +83,10 @@ def env(
     yield Env(vars=values, settings=get_settings(), prefix=prefix, redis=redis_server)
     with database.get_engine().begin() as conn:
         conn.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        conn.exec_driver_sql(
+            "UPDATE usage_cursor SET second = NULL, first_second = NULL, cycle = 0, "
+            "counter_cursors = '{}', horizons = '{}'"
+        )
     delete_keys(redis_server, prefix)
     reset_caches()
 

@@ -11,10 +11,13 @@ from typing import Any
 
 from metering.accounts.registry import sync_registry as _sync_registry
 from metering.accounts.store import RegistryStore
+from metering.core import database
 from metering.core import redis as redis_clients
 from metering.core.settings import get_settings
 from metering.live import service as live
 from metering.live.wiring import datacenter_stores, global_store
+from metering.rollups import service as rollups
+from metering.rollups.periods import Unit
 
 
 def tick() -> dict[str, Any]:
@@ -33,7 +36,55 @@ def sync_registry() -> int:
     return _sync_registry(RegistryStore(redis_clients.primary(), settings.redis_prefix))
 
 
+_aggregators: dict[tuple[str, str, str], rollups.Aggregator] = {}
+
+
+def aggregator() -> rollups.Aggregator:
+    """This process's aggregator: it keeps what it loaded between cycles (see its module)."""
+    settings = get_settings()
+    key = (settings.database_url, settings.redis_url, settings.redis_prefix)
+    agg = _aggregators.get(key)
+    if agg is None:
+        _aggregators.clear()
+        agg = _aggregators[key] = rollups.Aggregator(
+            database.get_engine(),
+            global_store(settings),
+            datacenter_stores(settings),
+            max_samples=settings.aggregate_max_samples,
+        )
+    return agg
+
+
+def aggregate() -> dict[str, Any]:
+    result = aggregator().run()
+    return {
+        "committed": result.committed,
+        "second": result.second,
+        "samples": result.samples,
+        "rows": result.rows_written,
+        "states": result.states_written,
+        "ms": round(result.duration * 1000, 1),
+    }
+
+
+def retention() -> dict[str, Any]:
+    settings = get_settings()
+    kept = {
+        unit: (None if d is None else d.total_seconds())
+        for unit, d in (
+            (Unit.MINUTE, settings.retention_minute),
+            (Unit.HOUR, settings.retention_hour),
+            (Unit.DAY, settings.retention_day),
+            (Unit.MONTH, settings.retention_month),
+        )
+    }
+    result = rollups.enforce_retention(database.get_engine(), datacenter_stores(settings), kept)
+    return {"deleted": result.deleted, "marks_forgotten": result.marks_forgotten}
+
+
 JOBS: dict[str, Callable[[], Any]] = {
     "metering.live.tick": tick,
     "metering.accounts.sync_registry": sync_registry,
+    "metering.rollups.aggregate": aggregate,
+    "metering.rollups.retention": retention,
 }

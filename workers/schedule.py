@@ -28,6 +28,17 @@ def periodic_tasks(settings: Settings) -> list[Periodic]:
             settings.registry_refresh_interval.total_seconds(),
             {"expires": settings.registry_refresh_interval.total_seconds()},
         ),
+        # A cycle that did not start within its interval is covered by the next one.
+        Periodic(
+            "metering.rollups.aggregate",
+            settings.aggregate_interval.total_seconds(),
+            {"expires": settings.aggregate_interval.total_seconds()},
+        ),
+        Periodic(
+            "metering.rollups.retention",
+            settings.retention_interval.total_seconds(),
+            {"expires": settings.retention_interval.total_seconds()},
+        ),
     ]
 
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from metering import __version__
-from metering.api import admin
+from metering.api import admin, stats
 from metering.api.auth import KeyCache
 from metering.api.envelope import install_error_handlers, ok
 from metering.core.settings import Settings, get_settings
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(admin.router)
+    app.include_router(stats.router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness of the API process")
     async def healthz() -> dict[str, object]:

@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     # entry holds what changed in its second, which for 100k busy apps is a few hundred KB).
     sample_retention: int = 3_600
     registry_refresh_interval: timedelta = timedelta(seconds=30)
+    # How often the aggregator folds samples and message counters into the Postgres rollups.
+    aggregate_interval: timedelta = timedelta(seconds=5)
+    # At most this many 1-second samples per aggregation cycle (a cycle behind catches up
+    # over several).
+    aggregate_max_samples: int = 3_600
+    # How long rollup rows are kept, per unit; empty: for ever.
+    retention_minute: timedelta | None = timedelta(days=7)
+    retention_hour: timedelta | None = timedelta(days=90)
+    retention_day: timedelta | None = None
+    retention_month: timedelta | None = None
+    retention_interval: timedelta = timedelta(hours=1)
     key_cache_ttl: timedelta = timedelta(seconds=10)
     # How long the API reuses a live count it just read for the same app (0: never).
     count_cache_ttl: timedelta = timedelta(milliseconds=50)
@@ -62,6 +73,12 @@ class Settings(BaseSettings):
         "flush_min_interval",
         "tick_interval",
         "registry_refresh_interval",
+        "aggregate_interval",
+        "retention_minute",
+        "retention_hour",
+        "retention_day",
+        "retention_month",
+        "retention_interval",
         "key_cache_ttl",
         "count_cache_ttl",
         mode="before",
@@ -70,6 +87,8 @@ class Settings(BaseSettings):
     def _seconds(cls, value: object) -> object:
         # Plain numbers are seconds ("0.25"); anything else goes to pydantic (ISO 8601).
         if isinstance(value, str):
+            if not value.strip():
+                return None
             try:
                 return timedelta(seconds=float(value))
             except ValueError:
@@ -109,9 +128,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _durations_positive(self) -> Settings:
-        for name in ("liveness_timeout", "flush_interval", "tick_interval", "flush_min_interval"):
+        for name in (
+            "liveness_timeout",
+            "flush_interval",
+            "tick_interval",
+            "flush_min_interval",
+            "aggregate_interval",
+            "retention_interval",
+        ):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{name} must be positive")
+        for unit in ("minute", "hour", "day", "month"):
+            kept = getattr(self, f"retention_{unit}")
+            if kept is not None and kept <= timedelta(0):
+                raise ValueError(f"retention_{unit} must be positive (empty keeps rows for ever)")
+        if self.aggregate_max_samples < 1:
+            raise ValueError("aggregate_max_samples must be at least 1")
         if self.flush_interval >= self.liveness_timeout:
             raise ValueError("flush_interval must be shorter than liveness_timeout")
         return self

@@ -43,6 +43,7 @@ PUBLISHED_COUNT = "pub_n"
 PUBLISHED_BYTES = "pub_b"
 DELIVERED_COUNT = "del_n"
 DELIVERED_BYTES = "del_b"
+REFUSED = "refused"
 
 
 class Meter:
@@ -76,6 +77,7 @@ class Meter:
         self._opened: dict[str, int] = {}  # '<app>|<t>' -> connections opened (cumulative)
         self._channels: dict[str, int] = {}  # '<app>|<channel>' -> attached connections here
         self._messages: dict[str, list[int]] = {}  # app -> [pub_n, pub_b, del_n, del_b]
+        self._refused: dict[str, int] = {}  # app -> connections refused (cumulative)
         self._changed = False
         self._sent_conns: dict[str, int] = {}
         self._sent_channels: set[str] = set()
@@ -98,6 +100,11 @@ class Meter:
         conns, opened = self._conns, self._opened
         conns[field] = conns.get(field, 0) + 1
         opened[field] = opened.get(field, 0) + 1
+        self._changed = True
+
+    def connection_refused(self, app: str) -> None:
+        """A connection the gateway refused (enforcement): counted as ``refused``."""
+        self._refused[app] = self._refused.get(app, 0) + 1
         self._changed = True
 
     def connection_closed(self, app: str, transport: str = "websocket") -> None:
@@ -231,6 +238,8 @@ class Meter:
             out[app + "|" + PUBLISHED_BYTES] = pub_b
             out[app + "|" + DELIVERED_COUNT] = del_n
             out[app + "|" + DELIVERED_BYTES] = del_b
+        for app, n in dict(self._refused).items():
+            out[app + "|" + REFUSED] = n
         return out
 
     def _flush(self, *, full: bool) -> str:
@@ -288,6 +297,10 @@ class ThreadSafeMeter(Meter):
     def connection_opened(self, app: str, transport: str = "websocket") -> None:
         with self._lock:
             super().connection_opened(app, transport)
+
+    def connection_refused(self, app: str) -> None:
+        with self._lock:
+            super().connection_refused(app)
 
     def connection_closed(self, app: str, transport: str = "websocket") -> None:
         with self._lock:

@@ -329,6 +329,8 @@ class GlobalStore:
                 self.key("samples"),
                 {
                     "gap": gap,
+                    # The first second this Redis ever counted: nothing came before it.
+                    **({"origin": 1} if state.second is None else {}),
                     "apps": ",".join(app_ids),
                     **{
                         code: _column([a for _, _, a in changed], i)
@@ -474,6 +476,7 @@ class Sample:
     apps: dict[str, LiveValue]
     accounts: dict[str, LiveValue]
     channels_opened: dict[str, int]
+    origin: bool = False  # the first second this Redis counted
 
     @classmethod
     def parse(cls, fields: dict[Any, Any]) -> Sample:
@@ -490,4 +493,5 @@ class Sample:
             apps={k: LiveValue(*v[:4]) for k, v in apps},
             accounts={k: LiveValue(*v) for k, v in columns("accounts", "aw", "as", "al", "ac")},
             channels_opened={k: v[4] for k, v in apps if v[4]},
+            origin="origin" in f,
         )

@@ -22,7 +22,8 @@ def test_worker_and_two_beats_tick_each_second_once(
 ) -> None:
     t = tenant("platform")
     celery = str(processes.BIN / "celery")
-    child = env.child_env()
+    # The samples are read back below: no aggregation may fold (and trim) them meanwhile.
+    child = env.child_env(METERING_AGGREGATE_INTERVAL="3600")
     worker = processes.Process(
         [
             celery,

@@ -1,0 +1,298 @@
+"""Reading rollups: an entity's periods of one unit, with their figures.
+
+A period without a row is one in which nothing happened to the entity: its value carried
+through it (the value at the start of the entity's next row, or its current value). Sums of a
+period with a row are the difference of the running totals at its end and at its start; the
+total at its end is taken from the next row (carried back over the periods without rows) or,
+for the latest row, from the entity's state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from metering.core.errors import ValidationError
+from metering.rollups.fold import UNIT_CODES, Coverage, period_end, period_start
+from metering.rollups.models import COUNTERS, UsageCursor, UsageGap, UsageRollup, UsageState
+from metering.rollups.periods import Unit, interval_id
+
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Point:
+    """What an entity carried at some moment: values, and running totals."""
+
+    conns: int
+    ws: int
+    channels: int
+    area: int
+    ch_area: int
+    counters: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    scope: int
+    entity_id: int
+    unit: Unit
+    start: int | None = None  # seconds, inclusive
+    end: int | None = None  # seconds, exclusive
+    limit: int = 100
+    backwards: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= MAX_LIMIT:
+            raise ValidationError(f"limit must be between 1 and {MAX_LIMIT}, got {self.limit}")
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise ValidationError("start must be before end")
+
+
+class Context:
+    """The aggregator's watermark, coverage and retention horizons, read once per request."""
+
+    def __init__(self, conn: Connection) -> None:
+        cursor = conn.execute(select(UsageCursor.__table__).where(UsageCursor.id == 1)).one()
+        gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
+        self.coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
+        self.watermark = cursor.second
+        self.horizons = {int(k): int(v) for k, v in json.loads(cursor.horizons or "{}").items()}
+
+
+def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[dict[str, Any]]:
+    """The entity's periods in ``[start, end)`` with their figures, newest first by default."""
+    ctx = ctx or Context(conn)
+    cov, unit, code = ctx.coverage, query.unit, UNIT_CODES[query.unit]
+    if cov.first is None or cov.last is None:
+        return []
+    lo = max(period_start(unit, cov.first), ctx.horizons.get(code, 0))
+    if query.start is not None:
+        lo = max(lo, period_start(unit, query.start))
+    hi = cov.last + 1
+    if query.end is not None:
+        hi = min(hi, query.end)
+    if hi <= lo:
+        return []
+    t = UsageRollup.__table__
+    where = (t.c.scope == query.scope) & (t.c.entity_id == query.entity_id) & (t.c.unit == code)
+    rows = list(
+        conn.execute(
+            select(t).where(where & (t.c.period_start >= lo) & (t.c.period_start < hi))
+            .order_by(t.c.period_start)
+        ).mappings()
+    )  # fmt: skip
+    nxt = (
+        conn.execute(
+            select(t).where(where & (t.c.period_start >= hi)).order_by(t.c.period_start).limit(1)
+        )
+        .mappings()
+        .first()
+    )
+    state = (
+        conn.execute(
+            select(UsageState).where(
+                (UsageState.scope == query.scope) & (UsageState.entity_id == query.entity_id)
+            )
+        )
+        .mappings()
+        .first()
+    )
+    now = _now_point(state, cov)
+    out: list[dict[str, Any]] = []
+    for entry in _walk(unit, lo, hi, rows, nxt, state, now, cov, backwards=query.backwards):
+        out.append(entry)
+        if len(out) >= query.limit:
+            break
+    return out
+
+
+def _start_point(row: Any) -> _Point:
+    return _Point(
+        row["conns0"], row["ws0"], row["channels0"], row["area0"], row["ch_area0"],
+        tuple(row[f"{c}0"] for c in COUNTERS),
+    )  # fmt: skip
+
+
+def _now_point(state: Any, cov: Coverage) -> _Point | None:
+    """The entity's running totals as of the watermark."""
+    if state is None or cov.last is None:
+        return None
+    n = cov.covered(state["since"], cov.last + 1)
+    return _Point(
+        state["conns"], state["ws"], state["channels"],
+        state["area"] + state["conns"] * n, state["ch_area"] + state["channels"] * n,
+        tuple(state[c] for c in COUNTERS),
+    )  # fmt: skip
+
+
+def _totals_at(second: int, after_row: Any, now: _Point | None, cov: Coverage) -> _Point | None:
+    """Running totals at ``second``, when nothing changed between it and ``after_row``'s start
+    (or the watermark, when there is no later row)."""
+    if after_row is not None:
+        p = _start_point(after_row)
+        n = cov.covered(second, after_row["period_start"])
+        return _Point(
+            p.conns, p.ws, p.channels, p.area - p.conns * n, p.ch_area - p.channels * n,
+            p.counters,
+        )  # fmt: skip
+    if now is None:
+        return None
+    n = cov.covered(second, (cov.last or 0) + 1)
+    return _Point(
+        now.conns, now.ws, now.channels, now.area - now.conns * n, now.ch_area - now.channels * n,
+        now.counters,
+    )  # fmt: skip
+
+
+def _walk(
+    unit: Unit,
+    lo: int,
+    hi: int,
+    rows: list[Any],
+    nxt: Any,
+    state: Any,
+    now: _Point | None,
+    cov: Coverage,
+    *,
+    backwards: bool,
+) -> Iterator[dict[str, Any]]:
+    """Entries for the periods in [lo, hi): rows as stored, and carried periods between them."""
+    # Segments in time order: (first period start, end, row or None, the row after).
+    segments: list[tuple[int, int, Any, Any]] = []
+    cursor = lo
+    for i, row in enumerate(rows):
+        start = row["period_start"]
+        if start > cursor:
+            segments.append((cursor, start, None, row))
+        after = rows[i + 1] if i + 1 < len(rows) else nxt
+        segments.append((start, period_end(unit, start), row, after))
+        cursor = period_end(unit, start)
+    if cursor < hi:
+        segments.append((cursor, hi, None, nxt))
+    for seg_start, seg_end, row, after in reversed(segments) if backwards else segments:
+        if row is not None:
+            yield _entry(unit, row["period_start"], row, after, now, cov)
+            continue
+        carried = _start_point(after) if after is not None else now
+        if carried is None or not (carried.conns or carried.channels):
+            continue  # nothing was open: no activity to report
+        starts = _period_starts(unit, seg_start, min(seg_end, hi))
+        for start in reversed(starts) if backwards else starts:
+            yield _carried_entry(unit, start, carried, cov)
+
+
+def _period_starts(unit: Unit, start: int, end: int) -> list[int]:
+    out, s = [], period_start(unit, start)
+    while s < end:
+        out.append(s)
+        s = period_end(unit, s)
+    return out
+
+
+def _entry(unit: Unit, start: int, row: Any, after: Any, now: _Point | None, cov: Coverage) -> dict[str, Any]:
+    end = period_end(unit, start)
+    seconds = cov.covered(start, end)
+    begin = _start_point(row)
+    finish = _totals_at(end, after, now, cov) if after is not None or now is not None else begin
+    assert finish is not None
+    area = finish.area - begin.area
+    ch_area = finish.ch_area - begin.ch_area
+    counts = [b - a for a, b in zip(begin.counters, finish.counters, strict=True)]
+    by = dict(zip(COUNTERS, counts, strict=True))
+    return _figures(
+        unit, start, cov, seconds,
+        peak=row["peak"], peak_at=row["peak_at"], low=row["min"], mean=area / seconds if seconds else 0.0,
+        ws_peak=row["ws_peak"], ch_peak=row["ch_peak"], ch_min=row["ch_min"],
+        ch_mean=ch_area / seconds if seconds else 0.0, counts=by,
+    )  # fmt: skip
+
+
+def _carried_entry(unit: Unit, start: int, p: _Point, cov: Coverage) -> dict[str, Any]:
+    end = period_end(unit, start)
+    seconds = cov.covered(start, end)
+    first = cov.first_covered(start, end)
+    return _figures(
+        unit, start, cov, seconds,
+        peak=p.conns, peak_at=first if first is not None else start, low=p.conns, mean=float(p.conns),
+        ws_peak=p.ws, ch_peak=p.channels, ch_min=p.channels, ch_mean=float(p.channels),
+        counts=dict.fromkeys(COUNTERS, 0),
+    )  # fmt: skip
+
+
+def _figures(
+    unit: Unit,
+    start: int,
+    cov: Coverage,
+    seconds: int,
+    *,
+    peak: int,
+    peak_at: int,
+    low: int,
+    mean: float,
+    ws_peak: int,
+    ch_peak: int,
+    ch_min: int,
+    ch_mean: float,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    end = period_end(unit, start)
+    entry: dict[str, Any] = {
+        "intervalId": interval_id(unit, datetime.fromtimestamp(start, UTC)),
+        "unit": unit.value,
+    }
+    if cov.last is None or cov.last + 1 < end:
+        entry["inProgress"] = True
+    entry.update(
+        {
+            "seconds": seconds,
+            "connections.all.peak": peak,
+            "connections.all.peakAt": peak_at * 1000,
+            "connections.all.min": low,
+            "connections.all.mean": round(mean, 3),
+            "connections.all.opened": counts["opened"],
+            "connections.all.refused": counts["refused"],
+            "connections.websocket.peak": ws_peak,
+            "channels.peak": ch_peak,
+            "channels.min": ch_min,
+            "channels.mean": round(ch_mean, 3),
+            "channels.opened": counts["ch_opened"],
+            "messages.published.count": counts["pub_n"],
+            "messages.published.data": counts["pub_b"],
+            "messages.delivered.count": counts["del_n"],
+            "messages.delivered.data": counts["del_b"],
+            "messages.all.count": counts["pub_n"] + counts["del_n"],
+            "messages.all.data": counts["pub_b"] + counts["del_b"],
+        }
+    )
+    return entry
+
+
+def parse_unit(value: str) -> Unit:
+    try:
+        return Unit(value)
+    except ValueError:
+        known = ", ".join(u.value for u in Unit)
+        raise ValidationError(f"unknown unit {value!r} (one of {known})") from None
+
+
+def parse_direction(value: str) -> bool:
+    """True for backwards (newest first)."""
+    if value not in {"backwards", "forwards"}:
+        raise ValidationError(f"direction must be backwards or forwards, got {value!r}")
+    return value == "backwards"
+
+
+def parse_millis(name: str, value: int | None) -> int | None:
+    """Milliseconds since the epoch to whole seconds (a start rounds down, so does an end:
+    periods are whole seconds)."""
+    if value is None:
+        return None
+    if not 0 <= value <= 253_402_300_799_999:  # year 9999
+        raise ValidationError(f"{name} must be milliseconds since the epoch, got {value}")
+    return value // 1000

@@ -1,0 +1,554 @@
+"""The aggregation cycle: samples and counter deltas since the watermark -> Postgres rollups.
+
+One transaction per cycle holds the cursor row's lock, writes the changed states and rows,
+the applied counter marks and the new watermark, and commits them together (DESIGN.md
+invariants 3 and 4): a cycle killed anywhere before the commit leaves nothing behind and the
+next one reads the same samples and the same counter totals again; a cycle that committed is
+never applied twice, because the watermark and the marks moved with it. Only after the commit
+are the folded samples trimmed and reaped incarnations' counters deleted, both idempotent.
+
+The process keeps what it loaded (states, current rows, marks) between cycles, tagged with
+the cycle number it reflects; a cycle that finds another number in the cursor (another worker
+ran one) reloads from Postgres.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine, delete, select, text, update
+
+from metering.accounts.models import App
+from metering.core.logging import get_logger
+from metering.live.store import DatacenterStore, GlobalStore, Sample
+from metering.rollups import bulk, source
+from metering.rollups.fold import (
+    ACCOUNT,
+    APP,
+    CH_OPENED,
+    UNITS,
+    Coverage,
+    Folder,
+    Key,
+    Row,
+    State,
+    period_start,
+)
+from metering.rollups.fold import UNIT_CODES
+from metering.rollups.periods import Unit
+from metering.rollups.models import (
+    COUNTERS,
+    FRONTEND_COUNTERS,
+    UsageCursor,
+    UsageGap,
+    UsageMark,
+    UsageRollup,
+    UsageState,
+)
+
+log = get_logger(__name__)
+
+UNIT_COLUMNS = ("minute", "hour", "day", "month")
+STATE_COLUMNS = (
+    "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area",
+    *COUNTERS, *UNIT_COLUMNS,
+)  # fmt: skip
+ROW_COLUMNS = (
+    "scope", "entity_id", "unit", "period_start", "conns0", "ws0", "channels0", "area0",
+    "ch_area0", *(f"{c}0" for c in COUNTERS),
+    "peak", "peak_at", "min", "ws_peak", "ch_peak", "ch_min",
+)  # fmt: skip
+_STATE_MERGE = {c: f"excluded.{c}" for c in STATE_COLUMNS[2:]}
+_ROW_MERGE = {
+    "peak_at": "CASE WHEN excluded.peak > {t}.peak THEN excluded.peak_at ELSE {t}.peak_at END",
+    "peak": "{greatest}({t}.peak, excluded.peak)",
+    "min": "{least}({t}.min, excluded.min)",
+    "ws_peak": "{greatest}({t}.ws_peak, excluded.ws_peak)",
+    "ch_peak": "{greatest}({t}.ch_peak, excluded.ch_peak)",
+    "ch_min": "{least}({t}.ch_min, excluded.ch_min)",
+}
+_FROM_FRONTEND = [COUNTERS.index(c) for c in FRONTEND_COUNTERS]
+
+
+@dataclass(frozen=True, slots=True)
+class CycleResult:
+    committed: bool
+    second: int | None = None  # the new watermark
+    samples: int = 0
+    states_written: int = 0
+    rows_written: int = 0
+    counters_applied: int = 0
+    lost_seconds: int = 0
+    duration: float = 0.0
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """What the process knows of Postgres as of ``cycle`` (see the module docstring)."""
+
+    cycle: int
+    states: dict[Key, State]
+    coverage: Coverage
+    marks: dict[tuple[str, str], dict[str, list[int]]]
+    retired: set[tuple[str, str]] = field(default_factory=set)
+
+
+class Aggregator:
+    def __init__(
+        self,
+        engine: Engine,
+        global_store: GlobalStore,
+        datacenters: Mapping[str, DatacenterStore],
+        *,
+        max_samples: int = 3600,
+    ) -> None:
+        self.engine = engine
+        self.global_store = global_store
+        self.datacenters = datacenters
+        self.max_samples = max_samples
+        self._loaded: _Loaded | None = None
+        self._owners: dict[str, int | None] = {}
+        self._conn: Connection | None = None
+
+    def run(self) -> CycleResult:
+        started = time.perf_counter()
+        try:
+            result, after_commit = self._cycle()
+        except BaseException:
+            self._loaded = None  # memory may be ahead of what Postgres holds
+            raise
+        for action in after_commit:
+            try:
+                action()
+            except Exception:
+                log.warning("rollups.cleanup_failed", exc_info=True)
+        duration = time.perf_counter() - started
+        if result.committed:
+            log.info(
+                "rollups.cycle",
+                second=result.second,
+                samples=result.samples,
+                states=result.states_written,
+                rows=result.rows_written,
+                ms=round(duration * 1000, 1),
+            )
+        return CycleResult(**{**_asdict(result), "duration": duration})
+
+    # -- the cycle ---------------------------------------------------------------------
+
+    def _cycle(self) -> tuple[CycleResult, list[Callable[[], None]]]:
+        with self.engine.begin() as conn:
+            cursor = self._lock(conn)
+            if cursor is None:
+                return CycleResult(committed=False, reason="another cycle is running"), []
+            loaded = self._load(conn, cursor)
+            watermark = cursor.second
+            folder = Folder(loaded.states, loaded.coverage)
+            gaps_before = len(loaded.coverage.gaps())
+
+            samples = source.samples_after(self.global_store, watermark, self.max_samples)
+            lost = 0
+            if samples and samples[0][1].origin:
+                # The stream starts at the first second this Redis counted: fold it whole.
+                # (With a watermark, that means Redis restarted empty: the samples before
+                # went with it, and the new ones hold every value again.)
+                if watermark is not None and samples[0][0] <= watermark:
+                    samples = [s for s in samples if s[0] > watermark]
+            elif watermark is None or (samples and samples[0][0] - samples[0][1].gap != watermark):
+                snapshot = source.live_snapshot(self.global_store)
+                if snapshot.second is None or (
+                    watermark is not None and snapshot.second <= watermark
+                ):
+                    return CycleResult(committed=False, reason="no tick yet"), []
+                if watermark is not None:
+                    lost = snapshot.second - watermark - 1
+                    log.error(
+                        "rollups.samples_lost",
+                        after=watermark,
+                        resynced_at=snapshot.second,
+                        seconds=lost,
+                        hint="the aggregator fell behind METERING_SAMPLE_RETENTION",
+                    )
+                self._resync(folder, snapshot, watermark)
+                samples = []
+            self._conn = conn
+            for second, sample in samples:
+                self._fold_sample(folder, second, sample)
+
+            counted_upto = loaded.coverage.last
+            cursors = json.loads(cursor.counter_cursors or "{}")
+            applied, dirty_marks, retiring = 0, set(), []
+            if counted_upto is not None:
+                applied, dirty_marks, retiring = self._fold_counters(
+                    conn, folder, loaded, cursors, counted_upto
+                )
+
+            if not folder.dirty and not dirty_marks and counted_upto == watermark:
+                return CycleResult(committed=False, second=watermark, reason="nothing new"), []
+
+            states_written, rows_written = self._write(conn, folder)
+            new_gaps = loaded.coverage.gaps()[gaps_before:]
+            if new_gaps:
+                bulk.upsert(
+                    conn, "usage_gaps", ("second", "missed"), ("second",), new_gaps,
+                    {"missed": "excluded.missed"},
+                )  # fmt: skip
+            self._write_marks(conn, loaded, dirty_marks, counted_upto or 0)
+            conn.execute(
+                update(UsageCursor)
+                .where(UsageCursor.id == 1)
+                .values(
+                    second=counted_upto,
+                    first_second=loaded.coverage.first,
+                    cycle=cursor.cycle + 1,
+                    counter_cursors=json.dumps(cursors, sort_keys=True),
+                )
+            )
+            loaded.cycle = cursor.cycle + 1
+        after: list[Callable[[], None]] = []
+        if counted_upto is not None:
+            after.append(lambda: source.trim_samples(self.global_store, counted_upto))
+        for dc, incs in retiring:
+            store = self.datacenters[dc]
+            after.append(lambda store=store, incs=incs: source.forget_incarnations(store, incs))
+        return (
+            CycleResult(
+                committed=True,
+                second=counted_upto,
+                samples=len(samples),
+                states_written=states_written,
+                rows_written=rows_written,
+                counters_applied=applied,
+                lost_seconds=lost,
+            ),
+            after,
+        )
+
+    def _lock(self, conn: Connection) -> UsageCursor | None:
+        """The cursor row, locked until the commit; None when another cycle holds it."""
+        if conn.dialect.name == "postgresql":
+            query = (
+                select(UsageCursor.__table__)
+                .where(UsageCursor.id == 1)
+                .with_for_update(skip_locked=True)
+            )
+        else:
+            # SQLite locks the whole database for the first write: take it now.
+            conn.execute(text("UPDATE usage_cursor SET cycle = cycle WHERE id = 1"))
+            query = select(UsageCursor.__table__).where(UsageCursor.id == 1)
+        row = conn.execute(query).first()
+        if row is None:
+            if conn.execute(select(UsageCursor.id)).first() is None:
+                raise RuntimeError("usage_cursor has no row: run `metering db upgrade`")
+            return None
+        return UsageCursor(**row._mapping)
+
+    # -- folding -----------------------------------------------------------------------
+
+    def _fold_sample(self, folder: Folder, second: int, sample: Sample) -> None:
+        last = folder.coverage.last
+        if sample.origin and last is not None:
+            # A Redis that restarted empty: its first sample holds every value there is.
+            folder.coverage.advance(second, second - last - 1)
+            present = {(APP, int(a)) for a in sample.apps}
+            present.update((ACCOUNT, int(a)) for a in sample.accounts)
+            for key, state in list(folder.states.items()):
+                if key not in present and (state.conns or state.channels):
+                    folder.value(key, second, 0, 0, 0)
+        else:
+            folder.coverage.advance(second, sample.gap - 1)
+        value = folder.value
+        for app, v in sample.apps.items():
+            value((APP, int(app)), second, v.connections, v.websocket, v.channels)
+        for acct, v in sample.accounts.items():
+            value((ACCOUNT, int(acct)), second, v.connections, v.websocket, v.channels)
+        if sample.channels_opened:
+            self._count_opened(folder, second, sample.channels_opened)
+
+    def _count_opened(self, folder: Folder, second: int, opened: dict[str, int]) -> None:
+        per_account: dict[int, int] = {}
+        owners = self._owners_of(list(opened), self._conn)
+        for app, n in opened.items():
+            deltas = [0] * len(COUNTERS)
+            deltas[CH_OPENED] = n
+            folder.count((APP, int(app)), second, deltas)
+            owner = owners.get(app)
+            if owner is not None:
+                per_account[owner] = per_account.get(owner, 0) + n
+        for acct, n in per_account.items():
+            deltas = [0] * len(COUNTERS)
+            deltas[CH_OPENED] = n
+            folder.count((ACCOUNT, acct), second, deltas)
+
+    def _resync(self, folder: Folder, snapshot: source.Snapshot, watermark: int | None) -> None:
+        """Take every value from the live snapshot (the first cycle, or samples were lost)."""
+        second = snapshot.second
+        assert second is not None
+        folder.coverage.advance(second, 0 if watermark is None else second - watermark - 1)
+        seen: set[Key] = set()
+        for scope, values in ((APP, snapshot.apps), (ACCOUNT, snapshot.accounts)):
+            for ident, v in values.items():
+                key = (scope, int(ident))
+                seen.add(key)
+                folder.value(key, second, v.connections, v.websocket, v.channels)
+        for key, state in list(folder.states.items()):
+            if key not in seen and (state.conns or state.channels):
+                folder.value(key, second, 0, 0, 0)
+
+    def _fold_counters(
+        self,
+        conn: Connection,
+        folder: Folder,
+        loaded: _Loaded,
+        cursors: dict[str, list[object]],
+        second: int,
+    ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
+        """Apply each incarnation's counter totals beyond its marks, at ``second``."""
+        deltas: dict[str, list[int]] = {}
+        dirty: set[tuple[str, str]] = set()
+        retiring: list[tuple[str, list[str]]] = []
+        for dc, store in self.datacenters.items():
+            epoch, after = (cursors.get(dc) or [None, 0])[:2]
+            changes = source.counter_changes(store, int(after) if isinstance(after, int) else 0)
+            if changes.epoch is None:
+                continue
+            if changes.epoch != epoch:  # a new Redis: its sequence started over, read it all
+                changes = source.counter_changes(store, 0)
+            totals = source.counters(store, changes.incarnations)
+            for inc, per_app in totals.items():
+                marks = loaded.marks.setdefault((dc, inc), {})
+                for app, now in per_app.items():
+                    mark = marks.get(app)
+                    if mark is None:
+                        mark = marks[app] = [0] * len(FRONTEND_COUNTERS)
+                    moved = False
+                    for i, total in enumerate(now):
+                        if total > mark[i]:
+                            d = deltas.get(app)
+                            if d is None:
+                                d = deltas[app] = [0] * len(COUNTERS)
+                            d[_FROM_FRONTEND[i]] += total - mark[i]
+                            mark[i] = total
+                            moved = True
+                    if moved:
+                        dirty.add((dc, inc))
+            gone = [i for i in changes.incarnations if i in changes.retired]
+            for inc in gone:
+                loaded.retired.add((dc, inc))
+                dirty.add((dc, inc))
+            if gone:
+                retiring.append((dc, gone))
+            cursors[dc] = [changes.epoch, changes.seq]
+        if not deltas:
+            return 0, dirty, retiring
+        owners = self._owners_of(list(deltas), conn)
+        per_account: dict[int, list[int]] = {}
+        for app, d in deltas.items():
+            folder.count((APP, int(app)), second, d)
+            owner = owners.get(app)
+            if owner is not None:
+                acc = per_account.setdefault(owner, [0] * len(COUNTERS))
+                for i, x in enumerate(d):
+                    acc[i] += x
+        for acct, d in per_account.items():
+            folder.count((ACCOUNT, acct), second, d)
+        return len(deltas), dirty, retiring
+
+    def _owners_of(self, apps: list[str], conn: Connection | None = None) -> dict[str, int | None]:
+        missing = [a for a in apps if a not in self._owners and a.isdigit()]
+        if missing:
+            with self.engine.connect() if conn is None else nullcontext(conn) as c:
+                for start in range(0, len(missing), 10_000):
+                    chunk = [int(a) for a in missing[start : start + 10_000]]
+                    found = dict(
+                        c.execute(select(App.id, App.account_id).where(App.id.in_(chunk))).all()
+                    )
+                    for a in chunk:
+                        if a in found:  # unknown apps are asked again later
+                            self._owners[str(a)] = found[a]
+        return {a: self._owners.get(a) for a in apps}
+
+    # -- loading and writing -----------------------------------------------------------
+
+    def _load(self, conn: Connection, cursor: UsageCursor) -> _Loaded:
+        loaded = self._loaded
+        if loaded is not None and loaded.cycle == cursor.cycle:
+            return loaded
+        states: dict[Key, State] = {}
+        for r in conn.execute(select(UsageState.__table__)).mappings():
+            states[(r["scope"], r["entity_id"])] = State(
+                conns=r["conns"],
+                ws=r["ws"],
+                channels=r["channels"],
+                since=r["since"],
+                area=r["area"],
+                ch_area=r["ch_area"],
+                counters=[r[c] for c in COUNTERS],
+            )
+        for i, unit_column in enumerate(UNIT_COLUMNS):
+            t, s = UsageRollup.__table__, UsageState.__table__
+            query = select(t).join(
+                s,
+                (t.c.scope == s.c.scope)
+                & (t.c.entity_id == s.c.entity_id)
+                & (t.c.unit == i + 1)
+                & (t.c.period_start == s.c[unit_column]),
+            )
+            for r in conn.execute(query).mappings():
+                states[(r["scope"], r["entity_id"])].rows[i] = _row_from(r)
+        gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
+        coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
+        marks: dict[tuple[str, str], dict[str, list[int]]] = {}
+        retired: set[tuple[str, str]] = set()
+        for m in conn.execute(select(UsageMark.__table__)).all():
+            marks[(m.datacenter, m.incarnation)] = json.loads(m.totals)
+            if m.retired:
+                retired.add((m.datacenter, m.incarnation))
+        self._loaded = _Loaded(cursor.cycle, states, coverage, marks, retired)
+        return self._loaded
+
+    def _write(self, conn: Connection, folder: Folder) -> tuple[int, int]:
+        states = folder.states
+        state_rows = []
+        for key in folder.dirty.states:
+            s = states[key]
+            state_rows.append(
+                (
+                    key[0], key[1], s.conns, s.ws, s.channels, s.since, s.area, s.ch_area,
+                    *s.counters, *[r.start if r is not None else None for r in s.rows],
+                )
+            )  # fmt: skip
+        rows = []
+        for key, i in folder.dirty.rows:
+            r = states[key].rows[i]
+            assert r is not None
+            rows.append(
+                (
+                    key[0], key[1], i + 1, r.start, r.conns0, r.ws0, r.channels0, r.area0,
+                    r.ch_area0, *r.counters0,
+                    r.peak, r.peak_at, r.min, r.ws_peak, r.ch_peak, r.ch_min,
+                )
+            )  # fmt: skip
+        bulk.upsert(
+            conn, "usage_state", STATE_COLUMNS, ("scope", "entity_id"), state_rows, _STATE_MERGE
+        )
+        bulk.upsert(
+            conn, "usage_rollups", ROW_COLUMNS, ("scope", "entity_id", "unit", "period_start"),
+            rows, _ROW_MERGE,
+        )  # fmt: skip
+        return len(state_rows), len(rows)
+
+    def _write_marks(
+        self, conn: Connection, loaded: _Loaded, dirty: set[tuple[str, str]], second: int
+    ) -> None:
+        rows = [
+            (
+                dc,
+                inc,
+                json.dumps(loaded.marks.get((dc, inc), {})),
+                (dc, inc) in loaded.retired,
+                second,
+            )
+            for dc, inc in sorted(dirty)
+        ]
+        bulk.upsert(
+            conn, "usage_marks", ("datacenter", "incarnation", "totals", "retired", "updated"),
+            ("datacenter", "incarnation"), rows,
+            {"totals": "excluded.totals", "retired": "excluded.retired", "updated": "excluded.updated"},
+        )  # fmt: skip
+
+
+def _row_from(r: Mapping[str, int]) -> Row:
+    return Row(
+        start=r["period_start"],
+        conns0=r["conns0"],
+        ws0=r["ws0"],
+        channels0=r["channels0"],
+        area0=r["area0"],
+        ch_area0=r["ch_area0"],
+        counters0=[r[f"{c}0"] for c in COUNTERS],
+        peak=r["peak"],
+        peak_at=r["peak_at"],
+        min=r["min"],
+        ws_peak=r["ws_peak"],
+        ch_peak=r["ch_peak"],
+        ch_min=r["ch_min"],
+    )
+
+
+def _asdict(result: CycleResult) -> dict[str, object]:
+    return {f: getattr(result, f) for f in CycleResult.__dataclass_fields__}
+
+
+__all__ = ["UNITS", "Aggregator", "CycleResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    deleted: dict[str, int]
+    marks_forgotten: int
+
+
+def enforce_retention(
+    engine: Engine,
+    datacenters: Mapping[str, DatacenterStore],
+    kept: Mapping[Unit, float | None],
+    *,
+    now: float | None = None,
+) -> RetentionResult:
+    """Delete rollup rows older than each unit's retention, and counter marks nobody needs.
+
+    Reads never synthesise a period before a unit's horizon (the start of the oldest period
+    kept), so a deleted period reads as absent, not as a carried value.
+    """
+    second = int(time.time() if now is None else now)
+    deleted: dict[str, int] = {}
+    with engine.begin() as conn:
+        cursor = conn.execute(select(UsageCursor.__table__).where(UsageCursor.id == 1)).one()
+        horizons = json.loads(cursor.horizons or "{}")
+        t = UsageRollup.__table__
+        for unit, seconds in kept.items():
+            if seconds is None:
+                continue
+            cutoff = period_start(unit, second - int(seconds))
+            code = UNIT_CODES[unit]
+            result = conn.execute(
+                delete(t).where((t.c.unit == code) & (t.c.period_start < cutoff))
+            )
+            deleted[unit.value] = result.rowcount
+            horizons[str(code)] = max(cutoff, int(horizons.get(str(code), 0)))
+        conn.execute(
+            update(UsageCursor)
+            .where(UsageCursor.id == 1)
+            .values(horizons=json.dumps(horizons, sort_keys=True))
+        )
+    # Marks of reaped incarnations whose final totals were applied an hour ago or more: their
+    # Redis counters go first, so that no counter is ever left without its mark.
+    forgotten = 0
+    with engine.begin() as conn:
+        old = conn.execute(
+            select(UsageMark.datacenter, UsageMark.incarnation).where(
+                UsageMark.retired & (UsageMark.updated < second - 3600)
+            )
+        ).all()
+        by_dc: dict[str, list[str]] = {}
+        for dc, inc in old:
+            by_dc.setdefault(dc, []).append(inc)
+        for dc, incs in by_dc.items():
+            store = datacenters.get(dc)
+            if store is None:
+                continue
+            source.forget_incarnations(store, incs)
+            for inc in incs:
+                conn.execute(
+                    delete(UsageMark).where(
+                        (UsageMark.datacenter == dc) & (UsageMark.incarnation == inc)
+                    )
+                )
+            forgotten += len(incs)
+    return RetentionResult(deleted=deleted, marks_forgotten=forgotten)

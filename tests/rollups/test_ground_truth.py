@@ -1,0 +1,247 @@
+"""A scripted scenario on a controllable clock, checked against figures computed independently.
+
+Six minutes across an hour, a day and a month boundary (2026-03-31 23:57 to 2026-04-01 00:03
+UTC): three apps in two accounts, three frontends (one crashes), WebSocket and streaming
+connections, channels, messages and refusals, ten seconds no tick counted, and an aggregation
+every five seconds. The test keeps its own books of what it did, second by second, and
+computes every period's peak, min, mean, opened and message totals from them; the stats API
+must return exactly those.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from metering.api.app import create_app
+from metering.core.database import get_engine
+from metering.gateway.sdk import Meter
+from metering.live.service import tick
+from metering.live.store import DatacenterStore, GlobalStore
+from metering.rollups.fold import period_start
+from metering.rollups.periods import Unit, interval_id
+from metering.rollups.service import Aggregator
+from tests.conftest import Env
+from tests.factories import Tenant, tenant
+from tests.scratch import REDIS_URL
+
+T0 = int(datetime(2026, 3, 31, 23, 57, tzinfo=UTC).timestamp())
+DURATION = 360
+MISSED = range(T0 + 130, T0 + 140)  # no tick counts these seconds (a paused beat)
+CRASH_AT = T0 + 200  # fe3's last flush; it is reaped at the next tick
+TIMEOUT = 0.4  # liveness, real seconds
+
+
+def targets(app: str, t: int, rng: random.Random) -> int:
+    """How many connections each app should have open at scenario second ``t``."""
+    x = t - T0
+    if app == "a1":  # peaks early
+        return min(x // 6, 10) if x < 60 else max(10 - (x - 60) // 6, 2)
+    if app == "a2":  # peaks late
+        return 1 if x < 120 else (min(1 + (x - 120) // 8, 8) if x < 240 else max(8 - (x - 240) // 10, 0))
+    return max(0, min(6, 3 + rng.randint(-3, 3)))  # b1 wanders
+
+
+@dataclass
+class Books:
+    """The test's own record of what the scenario did."""
+
+    values: dict[str, dict[int, tuple[int, int, int]]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )  # entity -> covered second -> (conns, ws, channels)
+    counters: dict[str, dict[int, dict[str, int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    )  # entity -> second the count lands at -> name -> n
+    pending: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
+    )
+
+
+@pytest.fixture
+def world(env: Env) -> Iterator[tuple[dict[str, Tenant], GlobalStore, DatacenterStore]]:
+    a1 = tenant("stats", name="a")
+    a2 = tenant("stats", account_id=a1.account_id, name="a")
+    b1 = tenant("stats", name="b")
+    client = redis.Redis.from_url(REDIS_URL)
+    yield (
+        {"a1": a1, "a2": a2, "b1": b1},
+        GlobalStore(client, env.prefix),
+        DatacenterStore(client, env.prefix, "dc1"),
+    )
+    client.close()
+
+
+def test_rollups_match_figures_computed_independently(world) -> None:  # noqa: C901, PLR0915
+    apps, g, dc = world
+    ids = {name: str(t.app_id) for name, t in apps.items()}
+    owner = {"a1": "A", "a2": "A", "b1": "B"}
+    rng = random.Random(7)
+    meters = {fe: Meter(dc, fe, liveness_timeout=TIMEOUT) for fe in ("fe1", "fe2", "fe3")}
+    alive = set(meters)
+    # Open connections: (frontend, app, transport); channels: (frontend, app) -> names.
+    open_conns: list[tuple[str, str, str]] = []
+    attached: dict[tuple[str, str], set[str]] = defaultdict(set)
+    books = Books()
+    prev_active: dict[str, set[str]] = {a: set() for a in ids}
+    aggregator = Aggregator(get_engine(), g, {"dc1": dc})
+
+    for t in range(T0, T0 + DURATION):
+        if t == CRASH_AT + 1:
+            alive.discard("fe3")  # its counts vanish when the tick reaps it
+            open_conns = [c for c in open_conns if c[0] != "fe3"]
+            for k in [k for k in attached if k[0] == "fe3"]:
+                del attached[k]
+            time.sleep(TIMEOUT + 0.2)
+        live = sorted(alive)
+        for name in ids:
+            want = targets(name, t, rng)
+            mine = [c for c in open_conns if c[1] == name]
+            while len(mine) < want:
+                fe = rng.choice(live)
+                transport = "streaming" if name == "b1" and rng.random() < 0.4 else "websocket"
+                meters[fe].connection_opened(ids[name], transport)
+                books.pending[name]["opened"] += 1
+                conn = (fe, name, transport)
+                open_conns.append(conn)
+                mine.append(conn)
+            while len(mine) > want:
+                conn = mine.pop(rng.randrange(len(mine)))
+                open_conns.remove(conn)
+                meters[conn[0]].connection_closed(ids[name], conn[2])
+            if rng.random() < 0.3:  # attach or detach a channel somewhere
+                fe = rng.choice(live)
+                chan = f"ch{rng.randint(0, 4)}"
+                if chan in attached[(fe, name)]:
+                    attached[(fe, name)].discard(chan)
+                    meters[fe].channel_detached(ids[name], chan)
+                else:
+                    attached[(fe, name)].add(chan)
+                    meters[fe].channel_attached(ids[name], chan)
+            for _ in range(rng.randint(0, 3)):
+                fe, size = rng.choice(live), rng.randint(1, 500)
+                meters[fe].message_published(ids[name], "ch0", size)
+                meters[fe].message_delivered(ids[name], "ch0", size, count=2)
+                p = books.pending[name]
+                p["pub_n"] += 1
+                p["pub_b"] += size
+                p["del_n"] += 2
+                p["del_b"] += 2 * size
+            if name == "a1" and t % 37 == 0:
+                meters[rng.choice(live)].connection_refused(ids[name])
+                books.pending[name]["refused"] += 1
+        for fe in live:
+            meters[fe].flush()
+        if t == CRASH_AT:
+            # fe3 flushed above, then dies: what it counted after this second never lands.
+            pass
+        if t in MISSED:
+            continue
+        assert tick(g, {"dc1": dc}, liveness_timeout=TIMEOUT, sample_retention=10_000, now=t).committed
+        # The truth at this counted second.
+        per_account: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for name in ids:
+            conns = [c for c in open_conns if c[1] == name]
+            active = set().union(*(attached[(fe, name)] for fe in alive))
+            value = (len(conns), sum(1 for c in conns if c[2] == "websocket"), len(active))
+            books.values[name][t] = value
+            acc = per_account[owner[name]]
+            for i in range(3):
+                acc[i] += value[i]
+            opened_now = len(active - prev_active[name])
+            prev_active[name] = active
+            if opened_now:
+                books.counters[name][t]["ch_opened"] += opened_now
+                books.counters[owner[name]][t]["ch_opened"] += opened_now
+        for acct in ("A", "B"):
+            books.values[acct][t] = tuple(per_account[acct])  # type: ignore[assignment]
+        if (t - T0) % 5 == 4:
+            assert aggregator.run().committed
+            for name, counts in books.pending.items():
+                for k, n in counts.items():
+                    books.counters[name][t][k] += n
+                    books.counters[owner[name]][t][k] += n
+            books.pending.clear()
+
+    client = TestClient(create_app())
+    with client:
+        for scope, entity, key in (
+            ("app", "a1", apps["a1"].key),
+            ("app", "a2", apps["a2"].key),
+            ("app", "b1", apps["b1"].key),
+            ("account", "A", apps["a1"].key),
+            ("account", "B", apps["b1"].key),
+        ):
+            for unit in Unit:
+                got = _fetch(client, key, scope, unit)
+                want = _expected(books, entity, unit)
+                for interval, figures in want.items():
+                    assert interval in got, (scope, entity, unit, interval)
+                    entry = got[interval]
+                    for name, value in figures.items():
+                        assert entry[name] == value, (scope, entity, unit, interval, name)
+                for interval, entry in got.items():
+                    if interval not in want:  # a period whose only event was a fall to zero
+                        assert entry["connections.all.peak"] == 0, (entity, unit, interval)
+                        assert entry["messages.all.count"] == 0
+
+        # The account's peak is the peak of its per-second sums, below the sum of its apps' peaks.
+        month = {
+            e: _fetch(client, apps[k].key, s, Unit.MONTH)["2026-03"]["connections.all.peak"]
+            for e, k, s in (("a1", "a1", "app"), ("a2", "a2", "app"), ("A", "a1", "account"))
+        }
+        assert month["A"] < month["a1"] + month["a2"]
+        assert month["A"] == max(v[0] for t, v in books.values["A"].items() if t < T0 + 180)
+
+
+def _fetch(client: TestClient, key: str, scope: str, unit: Unit) -> dict[str, dict]:
+    response = client.get(
+        "/v1/stats",
+        params={"unit": unit.value, "scope": scope, "limit": 1000, "direction": "forwards"},
+        headers={"IM-API-KEY": key},
+    )
+    assert response.status_code == 200, response.text
+    return {e["intervalId"]: e for e in response.json()["result"]}
+
+
+def _expected(books: Books, entity: str, unit: Unit) -> dict[str, dict[str, object]]:
+    by_period: dict[int, list[tuple[int, tuple[int, int, int]]]] = defaultdict(list)
+    for t, value in sorted(books.values[entity].items()):
+        by_period[period_start(unit, t)].append((t, value))
+    counts: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for t, c in books.counters[entity].items():
+        for k, n in c.items():
+            counts[period_start(unit, t)][k] += n
+    out: dict[str, dict[str, object]] = {}
+    for start, series in by_period.items():
+        c = counts[start]
+        if not any(v[0] or v[2] for _, v in series) and not any(c.values()):
+            continue
+        conns = [v[0] for _, v in series]
+        peak = max(conns)
+        out[interval_id(unit, datetime.fromtimestamp(start, UTC))] = {
+            "seconds": len(series),
+            "connections.all.peak": peak,
+            "connections.all.peakAt": next(t for t, v in series if v[0] == peak) * 1000,
+            "connections.all.min": min(conns),
+            "connections.all.mean": round(sum(conns) / len(conns), 3),
+            "connections.websocket.peak": max(v[1] for _, v in series),
+            "channels.peak": max(v[2] for _, v in series),
+            "channels.min": min(v[2] for _, v in series),
+            "channels.mean": round(sum(v[2] for _, v in series) / len(series), 3),
+            "connections.all.opened": c["opened"],
+            "connections.all.refused": c["refused"],
+            "channels.opened": c["ch_opened"],
+            "messages.published.count": c["pub_n"],
+            "messages.published.data": c["pub_b"],
+            "messages.delivered.count": c["del_n"],
+            "messages.delivered.data": c["del_b"],
+        }
+    return out
