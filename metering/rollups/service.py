@@ -15,6 +15,7 @@ ran one) reloads from Postgres.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -112,6 +113,9 @@ class Aggregator:
         self.datacenters = datacenters
         self.max_samples = max_samples
         self._loaded: _Loaded | None = None
+        # Tests only: hold each cycle this long just before its commit and just after it, so
+        # a test can kill the worker at those two points (tests/e2e/test_exactly_once.py).
+        self._test_pause = float(os.environ.get("METERING_TEST_AGGREGATE_PAUSE", "0") or 0)
         self._owners: dict[str, int | None] = {}
         self._conn: Connection | None = None
 
@@ -209,7 +213,9 @@ class Aggregator:
                     counter_cursors=json.dumps(cursors, sort_keys=True),
                 )
             )
+            self._pause("before_commit")
             loaded.cycle = cursor.cycle + 1
+        self._pause("after_commit")
         after: list[Callable[[], None]] = []
         if counted_upto is not None:
             after.append(lambda: source.trim_samples(self.global_store, counted_upto))
@@ -228,6 +234,11 @@ class Aggregator:
             ),
             after,
         )
+
+    def _pause(self, stage: str) -> None:
+        if self._test_pause:
+            log.info("rollups.test_pause", stage=stage)
+            time.sleep(self._test_pause)
 
     def _lock(self, conn: Connection) -> UsageCursor | None:
         """The cursor row, locked until the commit; None when another cycle holds it."""
@@ -337,6 +348,12 @@ class Aggregator:
                             moved = True
                     if moved:
                         dirty.add((dc, inc))
+            for inc in changes.incarnations:
+                if inc not in changes.retired and (dc, inc) in loaded.retired:
+                    # Reaped after a pause, then back (its next flush re-registered it): its
+                    # marks must stay for as long as it counts.
+                    loaded.retired.discard((dc, inc))
+                    dirty.add((dc, inc))
             gone = [i for i in changes.incarnations if i in changes.retired]
             for inc in gone:
                 loaded.retired.add((dc, inc))
