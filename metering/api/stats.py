@@ -33,6 +33,7 @@ router = APIRouter(tags=["stats"])
 )
 async def stats(
     request: Request,
+    *,
     unit: str = "minute",
     start: Annotated[int | None, Query(description="ms since the epoch, inclusive")] = None,
     end: Annotated[int | None, Query(description="ms since the epoch, exclusive")] = None,

@@ -14,18 +14,18 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 
-def _merge_sql(dialect: str, table: str, columns: Sequence[str], merge: Mapping[str, str]) -> str:
+def _merge_sql(dialect: str, table: str, merge: Mapping[str, str]) -> str:
     greatest, least = ("GREATEST", "LEAST") if dialect == "postgresql" else ("max", "min")
-    sets = ", ".join(
+    return ", ".join(
         f"{col} = {expr.format(t=table, greatest=greatest, least=least)}"
         for col, expr in merge.items()
     )
-    return sets
 
 
 def upsert(
     conn: Connection,
     table: str,
+    *,
     columns: Sequence[str],
     keys: Sequence[str],
     rows: Sequence[Sequence[Any]],
@@ -41,7 +41,7 @@ def upsert(
     dialect = conn.dialect.name
     cols = ", ".join(columns)
     on_conflict = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET " + _merge_sql(
-        dialect, table, columns, merge
+        dialect, table, merge
     )
     if dialect == "postgresql":
         stage = f"_stage_{table}"
@@ -60,9 +60,11 @@ def upsert(
                         buf.clear()
                 if buf:
                     copy.write("\n".join(buf) + "\n")
-            cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} {on_conflict}")
+            # Identifiers come from the code, never from input; values travel by COPY.
+            merge_sql = f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"  # noqa: S608
+            cur.execute(merge_sql)
         return len(rows)
     params = ", ".join(f":{c}" for c in columns)
-    stmt = text(f"INSERT INTO {table} ({cols}) VALUES ({params}) {on_conflict}")
+    stmt = text(f"INSERT INTO {table} ({cols}) VALUES ({params}) {on_conflict}")  # noqa: S608
     conn.execute(stmt, [dict(zip(columns, row, strict=True)) for row in rows])
     return len(rows)

@@ -105,7 +105,8 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
     )
     now = _now_point(state, cov)
     out: list[dict[str, Any]] = []
-    for entry in _walk(unit, lo, hi, rows, nxt, state, now, cov, backwards=query.backwards):
+    walk = _walk(unit, lo, hi, rows, nxt, state, now, cov, backwards=query.backwards)
+    for entry in walk:
         out.append(entry)
         if len(out) >= query.limit:
             break
@@ -150,7 +151,7 @@ def _totals_at(second: int, after_row: Any, now: _Point | None, cov: Coverage) -
     )  # fmt: skip
 
 
-def _walk(
+def _walk(  # noqa: PLR0917 (one internal caller, all arguments named there)
     unit: Unit,
     lo: int,
     hi: int,
@@ -195,7 +196,9 @@ def _period_starts(unit: Unit, start: int, end: int) -> list[int]:
     return out
 
 
-def _entry(unit: Unit, start: int, row: Any, after: Any, now: _Point | None, cov: Coverage) -> dict[str, Any]:
+def _entry(  # noqa: PLR0917 (internal)
+    unit: Unit, start: int, row: Any, after: Any, now: _Point | None, cov: Coverage
+) -> dict[str, Any]:
     end = period_end(unit, start)
     seconds = cov.covered(start, end)
     begin = _start_point(row)
@@ -207,7 +210,8 @@ def _entry(unit: Unit, start: int, row: Any, after: Any, now: _Point | None, cov
     by = dict(zip(COUNTERS, counts, strict=True))
     return _figures(
         unit, start, cov, seconds,
-        peak=row["peak"], peak_at=row["peak_at"], low=row["min"], mean=area / seconds if seconds else 0.0,
+        peak=row["peak"], peak_at=row["peak_at"], low=row["min"],
+        mean=area / seconds if seconds else 0.0,
         ws_peak=row["ws_peak"], ch_peak=row["ch_peak"], ch_min=row["ch_min"],
         ch_mean=ch_area / seconds if seconds else 0.0, counts=by,
     )  # fmt: skip
@@ -219,7 +223,8 @@ def _carried_entry(unit: Unit, start: int, p: _Point, cov: Coverage) -> dict[str
     first = cov.first_covered(start, end)
     return _figures(
         unit, start, cov, seconds,
-        peak=p.conns, peak_at=first if first is not None else start, low=p.conns, mean=float(p.conns),
+        peak=p.conns, peak_at=first if first is not None else start, low=p.conns,
+        mean=float(p.conns),
         ws_peak=p.ws, ch_peak=p.channels, ch_min=p.channels, ch_mean=float(p.channels),
         counts=dict.fromkeys(COUNTERS, 0),
     )  # fmt: skip

@@ -14,12 +14,15 @@ ran one) reloads from Postgres.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, select, text, update
 
@@ -31,6 +34,7 @@ from metering.rollups.fold import (
     ACCOUNT,
     APP,
     CH_OPENED,
+    UNIT_CODES,
     UNITS,
     Coverage,
     Folder,
@@ -39,8 +43,6 @@ from metering.rollups.fold import (
     State,
     period_start,
 )
-from metering.rollups.fold import UNIT_CODES
-from metering.rollups.periods import Unit
 from metering.rollups.models import (
     COUNTERS,
     FRONTEND_COUNTERS,
@@ -50,6 +52,7 @@ from metering.rollups.models import (
     UsageRollup,
     UsageState,
 )
+from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
@@ -141,7 +144,7 @@ class Aggregator:
                 rows=result.rows_written,
                 ms=round(duration * 1000, 1),
             )
-        return CycleResult(**{**_asdict(result), "duration": duration})
+        return dataclasses.replace(result, duration=duration)
 
     # -- the cycle ---------------------------------------------------------------------
 
@@ -186,7 +189,9 @@ class Aggregator:
 
             counted_upto = loaded.coverage.last
             cursors = json.loads(cursor.counter_cursors or "{}")
-            applied, dirty_marks, retiring = 0, set(), []
+            applied = 0
+            dirty_marks: set[tuple[str, str]] = set()
+            retiring: list[tuple[str, list[str]]] = []
             if counted_upto is not None:
                 applied, dirty_marks, retiring = self._fold_counters(
                     conn, folder, loaded, cursors, counted_upto
@@ -199,8 +204,8 @@ class Aggregator:
             new_gaps = loaded.coverage.gaps()[gaps_before:]
             if new_gaps:
                 bulk.upsert(
-                    conn, "usage_gaps", ("second", "missed"), ("second",), new_gaps,
-                    {"missed": "excluded.missed"},
+                    conn, "usage_gaps", columns=("second", "missed"), keys=("second",),
+                    rows=new_gaps, merge={"missed": "excluded.missed"},
                 )  # fmt: skip
             self._write_marks(conn, loaded, dirty_marks, counted_upto or 0)
             conn.execute(
@@ -220,8 +225,7 @@ class Aggregator:
         if counted_upto is not None:
             after.append(lambda: source.trim_samples(self.global_store, counted_upto))
         for dc, incs in retiring:
-            store = self.datacenters[dc]
-            after.append(lambda store=store, incs=incs: source.forget_incarnations(store, incs))
+            after.append(functools.partial(source.forget_incarnations, self.datacenters[dc], incs))
         return (
             CycleResult(
                 committed=True,
@@ -330,34 +334,10 @@ class Aggregator:
                 continue
             if changes.epoch != epoch:  # a new Redis: its sequence started over, read it all
                 changes = source.counter_changes(store, 0)
-            totals = source.counters(store, changes.incarnations)
-            for inc, per_app in totals.items():
-                marks = loaded.marks.setdefault((dc, inc), {})
-                for app, now in per_app.items():
-                    mark = marks.get(app)
-                    if mark is None:
-                        mark = marks[app] = [0] * len(FRONTEND_COUNTERS)
-                    moved = False
-                    for i, total in enumerate(now):
-                        if total > mark[i]:
-                            d = deltas.get(app)
-                            if d is None:
-                                d = deltas[app] = [0] * len(COUNTERS)
-                            d[_FROM_FRONTEND[i]] += total - mark[i]
-                            mark[i] = total
-                            moved = True
-                    if moved:
-                        dirty.add((dc, inc))
-            for inc in changes.incarnations:
-                if inc not in changes.retired and (dc, inc) in loaded.retired:
-                    # Reaped after a pause, then back (its next flush re-registered it): its
-                    # marks must stay for as long as it counts.
-                    loaded.retired.discard((dc, inc))
+            for inc, per_app in source.counters(store, changes.incarnations).items():
+                if _beyond_marks(per_app, loaded.marks.setdefault((dc, inc), {}), deltas):
                     dirty.add((dc, inc))
-            gone = [i for i in changes.incarnations if i in changes.retired]
-            for inc in gone:
-                loaded.retired.add((dc, inc))
-                dirty.add((dc, inc))
+            gone = _retirements(dc, changes, loaded, dirty)
             if gone:
                 retiring.append((dc, gone))
             cursors[dc] = [changes.epoch, changes.seq]
@@ -452,11 +432,12 @@ class Aggregator:
                 )
             )  # fmt: skip
         bulk.upsert(
-            conn, "usage_state", STATE_COLUMNS, ("scope", "entity_id"), state_rows, _STATE_MERGE
-        )
+            conn, "usage_state", columns=STATE_COLUMNS, keys=("scope", "entity_id"),
+            rows=state_rows, merge=_STATE_MERGE,
+        )  # fmt: skip
         bulk.upsert(
-            conn, "usage_rollups", ROW_COLUMNS, ("scope", "entity_id", "unit", "period_start"),
-            rows, _ROW_MERGE,
+            conn, "usage_rollups", columns=ROW_COLUMNS,
+            keys=("scope", "entity_id", "unit", "period_start"), rows=rows, merge=_ROW_MERGE,
         )  # fmt: skip
         return len(state_rows), len(rows)
 
@@ -473,14 +454,55 @@ class Aggregator:
             )
             for dc, inc in sorted(dirty)
         ]
+        columns = ("datacenter", "incarnation", "totals", "retired", "updated")
         bulk.upsert(
-            conn, "usage_marks", ("datacenter", "incarnation", "totals", "retired", "updated"),
-            ("datacenter", "incarnation"), rows,
-            {"totals": "excluded.totals", "retired": "excluded.retired", "updated": "excluded.updated"},
+            conn, "usage_marks", columns=columns, keys=columns[:2], rows=rows,
+            merge={c: f"excluded.{c}" for c in columns[2:]},
         )  # fmt: skip
 
 
-def _row_from(r: Mapping[str, int]) -> Row:
+def _retirements(
+    dc: str, changes: source.CounterChanges, loaded: _Loaded, dirty: set[tuple[str, str]]
+) -> list[str]:
+    """The reaped incarnations read this cycle (their marks now final), and un-retire any
+    that came back (reaped after a pause, its next flush re-registered it): its marks must
+    stay for as long as it counts."""
+    gone = []
+    for inc in changes.incarnations:
+        if inc in changes.retired:
+            gone.append(inc)
+            loaded.retired.add((dc, inc))
+            dirty.add((dc, inc))
+        elif (dc, inc) in loaded.retired:
+            loaded.retired.discard((dc, inc))
+            dirty.add((dc, inc))
+    return gone
+
+
+def _beyond_marks(
+    totals: dict[str, list[int]], marks: dict[str, list[int]], deltas: dict[str, list[int]]
+) -> bool:
+    """Add to ``deltas`` what ``totals`` hold beyond ``marks``, and move the marks up to them.
+
+    A total below its mark (never, for a cumulative counter) applies nothing.
+    """
+    moved = False
+    for app, now in totals.items():
+        mark = marks.get(app)
+        if mark is None:
+            mark = marks[app] = [0] * len(FRONTEND_COUNTERS)
+        for i, total in enumerate(now):
+            if total > mark[i]:
+                d = deltas.get(app)
+                if d is None:
+                    d = deltas[app] = [0] * len(COUNTERS)
+                d[_FROM_FRONTEND[i]] += total - mark[i]
+                mark[i] = total
+                moved = True
+    return moved
+
+
+def _row_from(r: Any) -> Row:
     return Row(
         start=r["period_start"],
         conns0=r["conns0"],
@@ -496,10 +518,6 @@ def _row_from(r: Mapping[str, int]) -> Row:
         ch_peak=r["ch_peak"],
         ch_min=r["ch_min"],
     )
-
-
-def _asdict(result: CycleResult) -> dict[str, object]:
-    return {f: getattr(result, f) for f in CycleResult.__dataclass_fields__}
 
 
 __all__ = ["UNITS", "Aggregator", "CycleResult"]
@@ -535,7 +553,7 @@ def enforce_retention(
             cutoff = period_start(unit, second - int(seconds))
             code = UNIT_CODES[unit]
             result = conn.execute(
-                delete(t).where((t.c.unit == code) & (t.c.period_start < cutoff))
+                delete(UsageRollup).where((t.c.unit == code) & (t.c.period_start < cutoff))
             )
             deleted[unit.value] = result.rowcount
             horizons[str(code)] = max(cutoff, int(horizons.get(str(code), 0)))

@@ -43,9 +43,7 @@ def test_killing_the_worker_mid_cycle_loses_and_doubles_nothing(env: Env, tmp_pa
     apps = [a1, a2, b1]
     celery = shutil.which("celery", path=str(processes.BIN))
     assert celery
-    child = env.child_env(
-        METERING_AGGREGATE_INTERVAL="0.5", METERING_TEST_AGGREGATE_PAUSE="0.4"
-    )
+    child = env.child_env(METERING_AGGREGATE_INTERVAL="0.5", METERING_TEST_AGGREGATE_PAUSE="0.4")
 
     sent: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     meter = Meter(
