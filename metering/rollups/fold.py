@@ -117,6 +117,19 @@ class Coverage:
             return a
         return None
 
+    def last_covered(self, start: int, end: int) -> int | None:
+        """The last counted second in ``[start, end)``, if any."""
+        if self.first is None or self.last is None:
+            return None
+        a, b = max(start, self.first), min(end, self.last + 1) - 1
+        while b >= a:
+            i = bisect.bisect_right(self._ends, b)
+            if i < len(self._ends) and self._ends[i] - self._missed[i] <= b:
+                b = self._ends[i] - self._missed[i] - 1  # inside a gap: go to before it
+                continue
+            return b
+        return None
+
     def gaps(self) -> list[tuple[int, int]]:
         return list(zip(self._ends, self._missed, strict=True))
 
@@ -177,7 +190,9 @@ class State:
 @dataclass(slots=True)
 class Dirty:
     states: set[Key] = field(default_factory=set)
-    rows: set[tuple[Key, int]] = field(default_factory=set)  # (key, unit index)
+    # Every row written to in this cycle, by (key, unit index, period start): a cycle that
+    # crosses a period's end writes both the row it closed and the one it opened.
+    rows: dict[tuple[Key, int, int], Row] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.states or self.rows)
@@ -227,7 +242,7 @@ class Folder:
             if first is not None:
                 row.include(state.conns, state.ws, state.channels, first)
             state.rows[i] = row
-            self.dirty.rows.add((key, i))
+            self.dirty.rows[(key, i, start)] = row
             self.dirty.states.add(key)  # its latest row moved on
 
     def value(self, key: Key, second: int, conns: int, ws: int, channels: int) -> None:
@@ -244,7 +259,7 @@ class Folder:
         state.conns, state.ws, state.channels = conns, ws, channels
         for i, row in enumerate(state.rows):
             if row is not None and row.include(conns, ws, channels, second):
-                self.dirty.rows.add((key, i))
+                self.dirty.rows[(key, i, row.start)] = row
         self.dirty.states.add(key)
 
     def count(self, key: Key, second: int, deltas: Sequence[int]) -> None:

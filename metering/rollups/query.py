@@ -183,17 +183,24 @@ def _walk(  # noqa: PLR0917 (one internal caller, all arguments named there)
         carried = _start_point(after) if after is not None else now
         if carried is None or not (carried.conns or carried.channels):
             continue  # nothing was open: no activity to report
-        starts = _period_starts(unit, seg_start, min(seg_end, hi))
-        for start in reversed(starts) if backwards else starts:
+        for start in _counted_periods(unit, seg_start, min(seg_end, hi), cov, backwards=backwards):
             yield _carried_entry(unit, start, carried, cov)
 
 
-def _period_starts(unit: Unit, start: int, end: int) -> list[int]:
-    out, s = [], period_start(unit, start)
-    while s < end:
-        out.append(s)
-        s = period_end(unit, s)
-    return out
+def _counted_periods(
+    unit: Unit, start: int, end: int, cov: Coverage, *, backwards: bool
+) -> Iterator[int]:
+    """Starts of the periods in [start, end) with a counted second, skipping uncounted spans."""
+    while start < end:
+        second = cov.last_covered(start, end) if backwards else cov.first_covered(start, end)
+        if second is None:
+            return
+        p = period_start(unit, second)
+        yield p
+        if backwards:
+            end = p
+        else:
+            start = period_end(unit, p)
 
 
 def _entry(  # noqa: PLR0917 (internal)

@@ -421,9 +421,7 @@ class Aggregator:
                 )
             )  # fmt: skip
         rows = []
-        for key, i in folder.dirty.rows:
-            r = states[key].rows[i]
-            assert r is not None
+        for (key, i, _start), r in folder.dirty.rows.items():
             rows.append(
                 (
                     key[0], key[1], i + 1, r.start, r.conns0, r.ws0, r.channels0, r.area0,

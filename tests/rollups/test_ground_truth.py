@@ -3,9 +3,9 @@
 Six minutes across an hour, a day and a month boundary (2026-03-31 23:57 to 2026-04-01 00:03
 UTC): three apps in two accounts, three frontends (one crashes), WebSocket and streaming
 connections, channels, messages and refusals, ten seconds no tick counted, and an aggregation
-every five seconds. The test keeps its own books of what it did, second by second, and
-computes every period's peak, min, mean, opened and message totals from them; the stats API
-must return exactly those.
+every seven seconds, out of step with the minutes so that cycles straddle period ends. The
+test keeps its own books of what it did, second by second, and computes every period's peak,
+min, mean, opened and message totals from them; the stats API must return exactly those.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def test_rollups_match_figures_computed_independently(world) -> None:  # noqa: P
                 books.counters[owner[name]][t]["ch_opened"] += opened_now
         for acct in ("A", "B"):
             books.values[acct][t] = tuple(per_account[acct])  # type: ignore[assignment]
-        if (t - T0) % 5 == 4:
+        if (t - T0) % 7 == 3 or t == T0 + DURATION - 1:
             assert aggregator.run().committed
             for name, counts in books.pending.items():
                 for k, n in counts.items():
