@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import redis
@@ -12,7 +14,7 @@ import typer
 from pydantic import BaseModel
 from pydantic import ValidationError as SettingsError
 
-from metering.core.errors import MeteringError
+from metering.core.errors import MeteringError, NotFoundError
 
 T = TypeVar("T")
 
@@ -63,7 +65,7 @@ def _settings() -> Any:
 
 def _guard(fn: Callable[[], T]) -> T:
     """Run ``fn``; expected failures become one clear line, never a stack trace."""
-    from sqlalchemy.exc import OperationalError  # noqa: PLC0415
+    from sqlalchemy.exc import OperationalError, ProgrammingError  # noqa: PLC0415
 
     try:
         return fn()
@@ -71,6 +73,11 @@ def _guard(fn: Callable[[], T]) -> T:
         fail(exc.message)
     except OperationalError as exc:
         fail(f"database unavailable or not migrated ({exc.orig}); run `metering db upgrade`")
+    except ProgrammingError as exc:
+        # Postgres reports a missing table (undefined_table, 42P01) as a programming error.
+        if getattr(exc.orig, "sqlstate", None) != "42P01":
+            raise
+        fail(f"database not migrated ({exc.orig}); run `metering db upgrade`")
     raise AssertionError
 
 
@@ -295,6 +302,193 @@ def simulate(
     except (OSError, ValueError) as exc:
         fail(f"cannot drive {gateway_url}: {exc}")
     typer.echo(json.dumps(summary))
+
+
+_MILLIS = re.compile(r"-?[0-9]+")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TIME_HELP = "ISO 8601 UTC (2026-03-31T23:57) or milliseconds since the epoch"
+# Column groups of the stats table: (group, [(heading, entry field)]).
+_STATS_COLUMNS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "connections",
+        (
+            ("peak", "connections.all.peak"),
+            ("peak at", "connections.all.peakAt"),
+            ("min", "connections.all.min"),
+            ("mean", "connections.all.mean"),
+            ("opened", "connections.all.opened"),
+            ("refused", "connections.all.refused"),
+            ("ws peak", "connections.websocket.peak"),
+        ),
+    ),
+    (
+        "channels",
+        (("peak", "channels.peak"), ("min", "channels.min"), ("mean", "channels.mean")),
+    ),
+    (
+        "published",
+        (("msgs", "messages.published.count"), ("bytes", "messages.published.data")),
+    ),
+    (
+        "delivered",
+        (("msgs", "messages.delivered.count"), ("bytes", "messages.delivered.data")),
+    ),
+)
+
+
+@app.command("stats")
+def stats(
+    app_id: Annotated[
+        int | None, typer.Option("--app", help="An app's stats (or give --account).")
+    ] = None,
+    account_id: Annotated[
+        int | None, typer.Option("--account", help="An account's stats (the sum of its apps).")
+    ] = None,
+    unit: Annotated[str, typer.Option(help="minute, hour, day or month (UTC).")] = "minute",
+    start: Annotated[
+        str | None, typer.Option(help=f"The first period to show: {_TIME_HELP}.")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option(help=f"Show periods that start before this: {_TIME_HELP}.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many periods (1 to 1000).")] = 100,
+    direction: Annotated[
+        str, typer.Option(help="backwards (newest first) or forwards (oldest first).")
+    ] = "backwards",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the periods as a JSON array.")
+    ] = False,
+) -> None:
+    """Usage of an app or an account, period by period: connections, channels, messages."""
+    from sqlalchemy.orm import Session  # noqa: PLC0415
+
+    from metering.accounts.repository import AccountRepository  # noqa: PLC0415
+    from metering.core.database import get_engine  # noqa: PLC0415
+    from metering.rollups import query as rollups  # noqa: PLC0415
+    from metering.rollups.fold import ACCOUNT, APP  # noqa: PLC0415
+
+    if (app_id is None) == (account_id is None):
+        fail("give exactly one of --app ID or --account ID")
+    scope, entity = ("app", app_id) if app_id is not None else ("account", account_id)
+    assert entity is not None
+
+    def run() -> list[dict[str, Any]]:
+        # Check every option before touching the database: a typo is named, not a query run.
+        first, until = _moment("--start", start), _moment("--end", end, end=True)
+        if first is not None and until is not None and first >= until:
+            raise MeteringError(f"--start ({start}) must be before --end ({end})")
+        query = rollups.Query(
+            APP if scope == "app" else ACCOUNT,
+            entity,
+            rollups.parse_unit(unit),
+            first,
+            until,
+            limit=limit,
+            backwards=rollups.parse_direction(direction),
+        )
+        with get_engine().connect() as conn, Session(bind=conn) as session:
+            repo = AccountRepository(session)
+            found = repo.app(entity) if scope == "app" else repo.account(entity)
+            if found is None:
+                raise NotFoundError(f"{scope} {entity} does not exist")
+            return rollups.periods(conn, query)
+
+    entries = [{**e, f"{scope}Id": entity} for e in _guard(run)]
+    if as_json:
+        typer.echo(json.dumps(entries))
+    elif not entries:
+        window = "".join(
+            f" {word} {_utc_text(value)}"
+            for word, value in (("from", start), ("before", end))
+            if value is not None
+        )
+        typer.echo(f"no usage recorded for {scope} {entity} (per {unit}{window})")
+    else:
+        typer.echo(_stats_table(entries, month=unit == "month"))
+
+
+def _moment(option: str, value: str | None, *, end: bool = False) -> int | None:
+    """An option's time as whole seconds since the epoch (UTC).
+
+    Periods start on whole seconds: a start rounds down, and an (exclusive) end rounds up, so
+    that a period starting any time before the end is in the range.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _MILLIS.fullmatch(text):
+        return _seconds(option, int(text), end=end)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise MeteringError(
+            f"{option} must be an ISO 8601 UTC time (e.g. 2026-03-31T23:57) or milliseconds "
+            f"since the epoch, got {value!r}"
+        ) from None
+    # A time without an offset is UTC, like every time this engine shows.
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if moment < _EPOCH:
+        raise MeteringError(f"{option} must be after 1970-01-01, got {value!r}")
+    return _seconds(option, (moment - _EPOCH) // timedelta(milliseconds=1), end=end)
+
+
+def _seconds(option: str, millis: int, *, end: bool) -> int:
+    from metering.rollups.query import parse_millis  # noqa: PLC0415
+
+    seconds = parse_millis(option, millis)  # checks the range the API accepts
+    assert seconds is not None
+    return seconds + 1 if end and millis % 1000 else seconds
+
+
+def _utc_text(value: str) -> str:
+    """An option's time as the user gave it, ms shown as a UTC time."""
+    text = value.strip()
+    if _MILLIS.fullmatch(text):
+        return datetime.fromtimestamp(int(text) // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return text
+
+
+def _stats_table(entries: list[dict[str, Any]], *, month: bool) -> str:
+    """Aligned columns under group headings; ``*`` marks a period still in progress."""
+    # Within a month the peak's day matters; within a shorter period the interval names it.
+    peak_at_format = "%m-%d %H:%M:%S" if month else "%H:%M:%S"
+
+    def cell(field: str, entry: dict[str, Any]) -> str:
+        value = entry[field]
+        if field.endswith("peakAt"):
+            return datetime.fromtimestamp(value / 1000, UTC).strftime(peak_at_format)
+        if field.endswith("mean"):
+            return f"{value:.2f}"
+        return str(value)
+
+    # (group heading over this column, column heading, cells, left-aligned)
+    columns: list[tuple[str, str, list[str], bool]] = [
+        ("", "interval", [e["intervalId"] for e in entries], True),
+        ("", "", ["*" if e.get("inProgress") else "" for e in entries], True),
+    ]
+    for group, fields in _STATS_COLUMNS:
+        for i, (heading, field) in enumerate(fields):
+            cells = [cell(field, e) for e in entries]
+            columns.append((group if i == 0 else "", heading, cells, False))
+    widths = [max(len(heading), *map(len, cells)) for _, heading, cells, _ in columns]
+    sep = "  "
+
+    def line(parts: list[str]) -> str:
+        return sep.join(
+            text.ljust(width) if left else text.rjust(width)
+            for text, width, (_, _, _, left) in zip(parts, widths, columns, strict=True)
+        ).rstrip()
+
+    groups, offset = "", 0
+    for (group, _, _, _), width in zip(columns, widths, strict=True):
+        if group:  # over its first column, running on over the rest of its group
+            groups = groups.ljust(max(offset, len(groups) + 1 if groups else 0)) + group
+        offset += width + len(sep)
+    out = [groups, line([heading for _, heading, _, _ in columns])]
+    out.extend(line([cells[r] for _, _, cells, _ in columns]) for r in range(len(entries)))
+    if any(e.get("inProgress") for e in entries):
+        out.append("* in progress: the figures so far")
+    return "\n".join(out)
 
 
 def main() -> None:

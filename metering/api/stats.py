@@ -17,6 +17,7 @@ from metering.rollups import query as rollups
 from metering.rollups.fold import ACCOUNT, APP
 
 router = APIRouter(tags=["stats"])
+_PARAMETERS = frozenset({"unit", "start", "end", "limit", "direction", "scope", "app"})
 
 
 @router.get(
@@ -43,12 +44,16 @@ async def stats(
     app: Annotated[int | None, Query(description="an app of the key's account")] = None,
 ) -> dict[str, Any]:
     key = await authorize(request, request.headers.get("IM-API-KEY"), "stats")
+    unknown = sorted(set(request.query_params) - _PARAMETERS)
+    if unknown:
+        known = ", ".join(sorted(_PARAMETERS))
+        raise ValidationError(f"unknown parameter {unknown[0]!r} (one of {known})")
     if scope not in {"app", "account"}:
         raise ValidationError(f"scope must be app or account, got {scope!r}")
     q_unit = rollups.parse_unit(unit)
     backwards = rollups.parse_direction(direction)
     q_start = rollups.parse_millis("start", start)
-    q_end = rollups.parse_millis("end", end)
+    q_end = rollups.parse_millis("end", end, round_up=True)
     app_id = key.app_id if app is None else app
 
     def load() -> list[dict[str, Any]]:

@@ -300,11 +300,11 @@ def parse_direction(value: str) -> bool:
     return value == "backwards"
 
 
-def parse_millis(name: str, value: int | None) -> int | None:
+def parse_millis(name: str, value: int | None, *, round_up: bool = False) -> int | None:
     """Milliseconds since the epoch to whole seconds (a start rounds down, so does an end:
     periods are whole seconds)."""
     if value is None:
         return None
     if not 0 <= value <= 253_402_300_799_999:  # year 9999
         raise ValidationError(f"{name} must be milliseconds since the epoch, got {value}")
-    return value // 1000
+    return -(-value // 1000) if round_up else value // 1000
