@@ -1,0 +1,560 @@
+"""Aggregation cycle time against the number of active apps, beside a raw COPY + merge.
+
+Per size: a scratch database built by the migrations (the apps and their accounts inserted in
+bulk, 5 apps per account) and a Redis key prefix (the same apps in the registry). 20 frontend
+incarnations each hold 15 % of the apps (every app is on 3 of them, as in bench/tick.py) with
+WebSocket connections and cumulative message counters (opened, pub_n, pub_b, del_n, del_b).
+Each cycle drives 5 seconds through the real ``DatacenterStore.flush`` and ``tick`` on a
+controlled clock, then times ``Aggregator(engine, global_store, {"dc1": store}).run()``:
+
+- steady, all changed: every app's count and counters moved in each of the 5 seconds, mid-minute
+  (the worst case);
+- steady, 10 % changed: 10 % of the apps moved in each second;
+- cold: every app changed, run by a fresh Aggregator (it loads states, rows, marks from Postgres);
+- new minute: every app moved, and the 5 seconds cross a minute boundary (creates minute rows).
+
+The steady figures are the median of --repeat cycles, or of fewer when they add up to more
+than 10 s (one cycle that slow is not noise). The aggregator's first cycle (it bootstraps: every
+entity is new) runs before all of them, and is reported as "first". Cycles use consecutive
+seconds, all in one minute except "new minute"; seconds between the cold cycle and that one
+are ticked with nothing changed and aggregated unmeasured.
+
+Baseline, in the same run: 100 000 rows shaped like ``usage_rollups``, a psycopg COPY
+(``write_row``) into a temporary staging table plus one ``INSERT ... SELECT ... ON CONFLICT DO
+UPDATE`` into a copy of ``usage_rollups``, committed; once as new rows, once updating all of
+them (median of --repeat). Speed per row: a cycle's rows written (``states_written +
+rows_written``) per second, against the baseline's. Targets: a steady all-changed cycle at
+100 000 apps <= 2 s (the interval is 5 s), >= 0.5 of the baseline's speed per row, growth no
+faster than linear.
+
+    python bench/aggregate.py [--apps 1000 10000 100000] [--repeat 3] [--profile]
+
+--profile adds, at the largest size, an all-changed and a 10 %-changed cycle timed per stage
+(with the garbage collector's share) and an all-changed one under cProfile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import itertools
+import pstats
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from unittest import mock
+
+import psycopg
+import redis
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from bench._common import REDIS_URL, exit_on_sigterm, row, scratch_database, scratch_prefix
+from metering.core.database import make_engine
+from metering.core.logging import configure
+from metering.live.service import tick
+from metering.live.store import DatacenterStore, GlobalStore, Sample
+from metering.rollups import bulk, source
+from metering.rollups.service import ROW_COLUMNS, Aggregator, CycleResult
+
+FRONTENDS = 20
+PER_APP = 3  # frontends holding each app: 15 % of the apps on each, as in bench/tick.py
+APPS_PER_ACCOUNT = 5
+CYCLE = 5  # seconds folded per cycle: the default aggregation interval
+TARGET_SECONDS = 2.0  # a steady all-changed cycle at 100 000 apps
+TARGET_RATIO = 0.5  # of the baseline's speed per row
+BUDGET = 10.0  # seconds: no more repeats of a kind of cycle once its cycles took this long
+# The minute boundary the "new minute" cycle crosses (not an hour's: only minute rows start).
+BOUNDARY = int(datetime(2026, 11, 16, 12, 31, tzinfo=UTC).timestamp())
+TIMEOUT = 3600.0  # liveness: no frontend is reaped during the run
+MERGE = (
+    "peak_at = CASE WHEN excluded.peak > t.peak THEN excluded.peak_at ELSE t.peak_at END, "
+    "peak = GREATEST(t.peak, excluded.peak), min = LEAST(t.min, excluded.min), "
+    "ws_peak = GREATEST(t.ws_peak, excluded.ws_peak), "
+    "ch_peak = GREATEST(t.ch_peak, excluded.ch_peak), ch_min = LEAST(t.ch_min, excluded.ch_min)"
+)  # the aggregator's merge of usage_rollups (service._ROW_MERGE)
+
+
+def progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+# -- the baseline ------------------------------------------------------------------------------
+
+
+def baseline_rows(n: int, rng: random.Random) -> list[tuple[int, ...]]:
+    """``n`` minute rows in ``ROW_COLUMNS`` order, one per app, with plausible values."""
+    out = []
+    for e in range(1, n + 1):
+        conns = rng.randint(1, 150)
+        pub_n = rng.randint(0, 10**6)
+        out.append(
+            (
+                1, e, 1, BOUNDARY - 60, conns, conns, 0, conns * 10**6, 0,
+                rng.randint(0, 10**5), 0, 0, pub_n, pub_n * 700, 2 * pub_n, 1400 * pub_n,
+                conns + rng.randint(0, 9), BOUNDARY - rng.randint(1, 59), max(0, conns - 9),
+                conns + 9, 0, 0,
+            )
+        )  # fmt: skip
+    return out
+
+
+def copy_and_merge(conn: psycopg.Connection[Any], rows: Sequence[Sequence[int]]) -> float:
+    cols = ", ".join(ROW_COLUMNS)
+    started = time.perf_counter()
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY bench_stage ({cols}) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(r)
+        cur.execute(
+            f"INSERT INTO bench_rollups AS t ({cols}) SELECT {cols} FROM bench_stage "
+            f"ON CONFLICT (scope, entity_id, unit, period_start) DO UPDATE SET {MERGE}"
+        )
+    conn.commit()
+    return time.perf_counter() - started
+
+
+def baseline(n: int, repeat: int) -> tuple[float, float]:
+    """Median seconds to COPY + merge ``n`` rows: as new rows, and as updates of all of them."""
+    rng = random.Random(2)
+    new, updated = [], []
+    with scratch_database("bench") as url:
+        libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(libpq) as conn:
+            conn.execute("CREATE TABLE bench_rollups (LIKE usage_rollups INCLUDING ALL)")
+            conn.execute("CREATE TEMP TABLE bench_stage (LIKE usage_rollups) ON COMMIT DELETE ROWS")
+            conn.commit()
+            for i in range(repeat):
+                progress(f"baseline {i + 1}/{repeat}: COPY + merge of {n} new rows, then updates")
+                first, second = baseline_rows(n, rng), baseline_rows(n, rng)
+                conn.execute("TRUNCATE bench_rollups")
+                conn.commit()
+                new.append(copy_and_merge(conn, first))
+                updated.append(copy_and_merge(conn, second))
+    return statistics.median(new), statistics.median(updated)
+
+
+# -- the world: apps, frontends, the clock -----------------------------------------------------
+
+
+@dataclass
+class World:
+    """A scratch database and Redis prefix with ``apps`` apps on 20 frontends."""
+
+    apps: int
+    engine: Engine
+    g: GlobalStore
+    dc: DatacenterStore
+    rng: random.Random
+    # Per app (index = app id): the frontends holding it.
+    holders: list[list[int]] = field(default_factory=list)
+    # Per frontend: app -> WebSocket connections, and app -> [opened, pub_n, pub_b, del_n, del_b].
+    conns: list[dict[int, int]] = field(default_factory=list)
+    counters: list[dict[int, list[int]]] = field(default_factory=list)
+
+    def register(self) -> None:
+        """The apps and their accounts: in Postgres (the aggregator's owners) and in Redis."""
+        accounts = -(-self.apps // APPS_PER_ACCOUNT)
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO accounts (id, name, created_at) "
+                    "SELECT g, 'bench ' || g, now() FROM generate_series(1, :n) g"
+                ),
+                {"n": accounts},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO apps (id, account_id, name, created_at) "
+                    "SELECT g, (g - 1) / :per + 1, 'bench ' || g, now() "
+                    "FROM generate_series(1, :n) g"
+                ),
+                {"n": self.apps, "per": APPS_PER_ACCOUNT},
+            )
+        self.g.client.hset(
+            self.g.key("apps"),
+            mapping={str(a): str((a - 1) // APPS_PER_ACCOUNT + 1) for a in range(1, self.apps + 1)},
+        )
+
+    def populate(self) -> None:
+        """Every frontend's first (full) flush."""
+        rng = self.rng
+        self.holders = [[]]
+        self.conns = [{} for _ in range(FRONTENDS)]
+        self.counters = [{} for _ in range(FRONTENDS)]
+        for a in range(1, self.apps + 1):
+            fes = rng.sample(range(FRONTENDS), PER_APP)
+            self.holders.append(fes)
+            for f in fes:
+                n = rng.randint(1, 50)
+                msgs = rng.randint(0, 1000)
+                self.conns[f][a] = n
+                self.counters[f][a] = [n, msgs, msgs * 700, 2 * msgs, 1400 * msgs]
+        for f in range(FRONTENDS):
+            self.flush(f, list(self.conns[f]), full=True)
+
+    def flush(self, f: int, apps: list[int], *, full: bool) -> None:
+        conns, counters = self.conns[f], self.counters[f]
+        ctr: list[tuple[str, int]] = []
+        for a in apps:
+            opened, pub_n, pub_b, del_n, del_b = counters[a]
+            ctr += [
+                (f"{a}|opened", opened), (f"{a}|pub_n", pub_n), (f"{a}|pub_b", pub_b),
+                (f"{a}|del_n", del_n), (f"{a}|del_b", del_b),
+            ]  # fmt: skip
+        status = self.dc.flush(
+            f"fe-{f}#bench",
+            full=full,
+            timeout=TIMEOUT,
+            epoch="e",
+            conns=[(f"{a}|w", conns[a]) for a in apps],
+            channels=[],
+            counters=ctr,
+        )
+        assert status == "ok", status
+
+    def second(self, second: int, share: float) -> None:
+        """One second: ``share`` of the apps move on one of their frontends, then the tick."""
+        rng = self.rng
+        if share >= 1:
+            changed: Sequence[int] = range(1, self.apps + 1)
+        else:
+            changed = rng.sample(range(1, self.apps + 1), int(self.apps * share))
+        per_frontend: list[list[int]] = [[] for _ in range(FRONTENDS)]
+        for a in changed:
+            f = self.holders[a][rng.randrange(PER_APP)]
+            totals = self.counters[f][a]
+            n = self.conns[f][a]
+            if n > 1 and rng.random() < 0.5:
+                self.conns[f][a] = n - 1
+            else:
+                self.conns[f][a] = n + 1
+                totals[0] += 1
+            msgs, size = rng.randint(1, 20), rng.randint(50, 2000)
+            totals[1] += msgs
+            totals[2] += msgs * size
+            totals[3] += 2 * msgs
+            totals[4] += 2 * msgs * size
+            per_frontend[f].append(a)
+        for f, apps in enumerate(per_frontend):
+            if apps:
+                self.flush(f, apps, full=False)
+        result = tick(
+            self.g, {"dc1": self.dc}, liveness_timeout=TIMEOUT, sample_retention=3600, now=second
+        )
+        assert result.committed, result
+
+    def cycle(self, agg: Aggregator, seconds: Sequence[int], share: float) -> CycleResult:
+        for s in seconds:
+            self.second(s, share)
+        result = agg.run()
+        assert result.committed, result
+        assert result.samples == len(seconds), result
+        assert result.second == seconds[-1], result
+        return result
+
+
+@contextmanager
+def world(client: redis.Redis, apps: int, rng: random.Random) -> Iterator[World]:
+    with scratch_database("bench") as url, scratch_prefix(client) as prefix:
+        engine = make_engine(url)
+        try:
+            yield World(
+                apps,
+                engine,
+                GlobalStore(client, prefix),
+                DatacenterStore(client, prefix, "dc1"),
+                rng,
+            )
+        finally:
+            engine.dispose()
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    first: CycleResult
+    steady_all: list[CycleResult]
+    steady_some: list[CycleResult]
+    cold: CycleResult
+    new_minute: CycleResult
+    profile: str = ""
+
+
+def median_cycle(results: list[CycleResult]) -> CycleResult:
+    return sorted(results, key=lambda r: r.duration)[(len(results) - 1) // 2]
+
+
+def written(r: CycleResult) -> int:
+    return r.states_written + r.rows_written
+
+
+def describe(r: CycleResult) -> str:
+    return (
+        f"{r.duration * 1000:.0f} ms: {r.states_written} states + {r.rows_written} rows, "
+        f"{r.counters_applied} apps' counters"
+    )
+
+
+def measure(w: World, repeat: int, profile: bool) -> Figures:
+    # Consecutive seconds: the first tick, the steady cycles and the cold one inside one
+    # minute, then the new-minute cycle across BOUNDARY (its last 2 seconds are the new minute).
+    clock = BOUNDARY - 3 - CYCLE * (2 * repeat + 1) - 1
+
+    def seconds(n: int = CYCLE) -> list[int]:
+        nonlocal clock
+        clock += n
+        return list(range(clock - n, clock))
+
+    progress(f"[{w.apps} apps] registering apps and accounts (Postgres, Redis)")
+    w.register()
+    progress(f"[{w.apps} apps] first flush of {FRONTENDS} frontends, first tick")
+    w.populate()
+    [first_second] = seconds(1)
+    w.second(first_second, 0.0)
+    agg = Aggregator(w.engine, w.g, {"dc1": w.dc})
+    first = agg.run()
+    assert first.committed, first
+    assert first.second == first_second, first
+    progress(f"[{w.apps} apps] first cycle (bootstrap, not measured): {describe(first)}")
+
+    steady_all: list[CycleResult] = []
+    steady_some: list[CycleResult] = []
+    for share, results in ((1.0, steady_all), (0.1, steady_some)):
+        while len(results) < repeat and sum(r.duration for r in results) < BUDGET:
+            r = w.cycle(agg, seconds(), share)
+            results.append(r)
+            progress(f"[{w.apps} apps] steady, {share:.0%} changed, #{len(results)}: {describe(r)}")
+
+    agg = Aggregator(w.engine, w.g, {"dc1": w.dc})
+    cold = w.cycle(agg, seconds(), 1.0)
+    progress(f"[{w.apps} apps] cold (a fresh Aggregator), 100% changed: {describe(cold)}")
+
+    idle = BOUNDARY - 3 - clock
+    if idle:
+        progress(f"[{w.apps} apps] {idle} seconds with nothing changed, aggregated unmeasured")
+    while idle > 0:
+        w.cycle(agg, seconds(min(idle, CYCLE)), 0.0)
+        idle = BOUNDARY - 3 - clock
+    crossing = seconds()
+    assert crossing[0] < BOUNDARY <= crossing[-1], crossing
+    new_minute = w.cycle(agg, crossing, 1.0)
+    progress(f"[{w.apps} apps] new minute, 100% changed: {describe(new_minute)}")
+
+    report = profile_cycles(w, agg, seconds) if profile else ""
+    return Figures(first, steady_all, steady_some, cold, new_minute, report)
+
+
+# -- --profile: where a steady all-changed cycle's time goes ------------------------------------
+
+
+class Stages:
+    """Exclusive wall-clock time per stage of a cycle (a stage's own time, minus its children),
+    and how much of it the garbage collector took (it runs in whichever stage allocates)."""
+
+    def __init__(self) -> None:
+        self.own: dict[str, float] = defaultdict(float)
+        self.gc: dict[str, float] = defaultdict(float)
+        self._stack: list[tuple[str, list[float]]] = []
+        self._gc_started = 0.0
+
+    def wrap(self, label: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            name = label if isinstance(label, str) else label(*args)
+            children = [0.0]
+            self._stack.append((name, children))
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                self._stack.pop()
+                self.own[name] += elapsed - children[0]
+                if self._stack:
+                    self._stack[-1][1][0] += elapsed
+
+        return timed
+
+    def on_gc(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            stage = self._stack[-1][0] if self._stack else "outside the cycle"
+            self.gc[stage] += time.perf_counter() - self._gc_started
+
+
+def _sql(_cursor: Any, query: Any, *_rest: Any) -> str:
+    q = str(query)
+    if q.startswith("INSERT INTO") and " FROM _stage_" in q:
+        return f"merge SQL into {q.split()[2]} (INSERT ... ON CONFLICT, server)"
+    return "other SQL (lock, cursor update, stage setup)"
+
+
+STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
+    (Aggregator, "run", "other Python"),
+    (Aggregator, "_load", "load from Postgres (cold only)"),
+    (source, "samples_after", "read samples (XRANGE, hiredis)"),
+    (Sample, "parse", "parse samples (Sample.parse, LiveValue objects)"),
+    (Aggregator, "_fold_sample", "fold samples (Folder.value, Python)"),
+    (source, "counter_changes", "read counters (which incarnations)"),
+    (source, "counters", "read counters (HGETALL + parse of every field)"),
+    (Aggregator, "_fold_counters", "fold counters (deltas against marks, Python)"),
+    (Aggregator, "_owners_of", "owners of apps"),
+    (Aggregator, "_write", "build state and row tuples (Python)"),
+    (bulk, "upsert", lambda _conn, table, *_rest: f"COPY text building for {table} (Python)"),
+    (psycopg.Copy, "write", "COPY data sent (psycopg)"),
+    (psycopg.Copy, "__exit__", "COPY end (server ingests the rest)"),
+    (psycopg.Cursor, "execute", _sql),
+    (psycopg.Connection, "commit", "commit"),
+    (Aggregator, "_write_marks", "marks as JSON (Python)"),
+    (source, "trim_samples", "trim samples (after commit)"),
+]
+
+
+def profile_cycles(w: World, agg: Aggregator, seconds: Callable[[], list[int]]) -> str:
+    """Three more steady cycles: every app changed and 10 % changed, each timed per stage
+    (the second shows what costs in proportion to all apps, not to the changed ones), then
+    every app changed again under cProfile."""
+    out = io.StringIO()
+    widths = (62, 10, 8, 10)
+    for share in (1.0, 0.1):
+        stages = Stages()
+        with ExitStack() as stack:
+            for owner, name, label in STAGES:
+                timed = stages.wrap(label, getattr(owner, name))
+                stack.enter_context(mock.patch.object(owner, name, timed))
+            gc.callbacks.append(stages.on_gc)
+            stack.callback(gc.callbacks.remove, stages.on_gc)
+            r = w.cycle(agg, seconds(), share)
+        out.write(f"\nprofile at {w.apps} apps, steady, {share:.0%} changed: {describe(r)}\n")
+        out.write(row("stage (own time, wall clock)", "ms", "share", "of it GC", widths=widths))
+        for name, t in sorted(stages.own.items(), key=lambda kv: -kv[1]):
+            gc_ms = stages.gc.get(name, 0) * 1000
+            cells = (f"{t * 1000:.0f}", f"{t / r.duration:.0%}", f"{gc_ms:.0f}")
+            out.write("\n" + row(name, *cells, widths=widths))
+        total_gc = sum(stages.gc.values())
+        out.write(f"\ngarbage collection in all: {total_gc * 1000:.0f} ms")
+        out.write(f" ({total_gc / r.duration:.0%})\n")
+
+    profiler = cProfile.Profile()
+    for s in seconds():
+        w.second(s, 1.0)
+    profiler.enable()
+    r = agg.run()
+    profiler.disable()
+    assert r.committed
+    out.write(f"\ncProfile of the next one (times inflated by profiling): {describe(r)}\n")
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms".replace(",", " ")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--apps", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--repeat", type=int, default=3, choices=range(1, 6))
+    parser.add_argument("--baseline-rows", type=int, default=100_000)
+    parser.add_argument("--profile", action="store_true", help="profile the largest size")
+    args = parser.parse_args()
+    exit_on_sigterm()
+    configure("WARNING")  # not a line per cycle; warnings (lost samples, gaps) still show
+    client = redis.Redis.from_url(REDIS_URL)
+    rng = random.Random(1)
+    print(
+        f"aggregation cycle benchmark: {CYCLE} s of samples per cycle, {FRONTENDS} frontends "
+        f"(each app on {PER_APP}), {APPS_PER_ACCOUNT} apps per account"
+    )
+    print(f"Redis {REDIS_URL}")
+    new, updated = baseline(args.baseline_rows, args.repeat)
+    per_row = {"new": new / args.baseline_rows, "update": updated / args.baseline_rows}
+
+    figures: dict[int, Figures] = {}
+    for apps in args.apps:
+        with world(client, apps, rng) as w:
+            figures[apps] = measure(w, args.repeat, args.profile and apps == max(args.apps))
+
+    n = args.baseline_rows
+    print(f"\nbaseline: COPY of {n} rows shaped like usage_rollups + one merge + commit")
+    widths = (34, 12, 12, 14)
+    print(row("", "time", "per row", "rows/s", widths=widths))
+    for label, t in (("new rows", new), ("updates of all of them", updated)):
+        print(row(f"  {label}", ms(t), f"{t / n * 1e6:.2f} µs", f"{n / t:,.0f}", widths=widths))
+
+    print(f"\ncycle time ({CYCLE} s of samples; steady: median of up to {args.repeat})")
+    widths = (10, 16, 15, 15, 15, 15)
+    header = ("apps", "first (boot)", "all changed", "10% changed", "new minute", "cold")
+    print(row(*header, widths=widths))
+    for apps, f in figures.items():
+        cells = (f.first, median_cycle(f.steady_all), median_cycle(f.steady_some), f.new_minute)
+        print(row(apps, *(ms(c.duration) for c in cells), ms(f.cold.duration), widths=widths))
+
+    sizes = list(figures)
+    for label, pick in (
+        ("all changed", lambda f: median_cycle(f.steady_all)),
+        ("10% changed", lambda f: median_cycle(f.steady_some)),
+        ("new minute", lambda f: f.new_minute),
+    ):
+        steps = []
+        for a, b in itertools.pairwise(sizes):
+            growth = pick(figures[b]).duration / pick(figures[a]).duration
+            verdict = "linear or better" if growth <= b / a else "FASTER than linear"
+            steps.append(f"{a} to {b} apps: time x{growth:.1f} for apps x{b / a:g} ({verdict})")
+        if steps:
+            print(f"growth, {label}: " + "; ".join(steps))
+
+    largest = max(figures)
+    f = figures[largest]
+    print(f"\nat {largest} apps: speed per row written against the baseline (≥ {TARGET_RATIO})")
+    widths = (20, 12, 18, 11, 12, 12)
+    print(row("cycle", "time", "states + rows", "per row", "vs new", "vs updates", widths=widths))
+    for label, r in (
+        ("all changed", median_cycle(f.steady_all)),
+        ("10% changed", median_cycle(f.steady_some)),
+        ("new minute", f.new_minute),
+        ("cold", f.cold),
+    ):
+        ours = r.duration / written(r)
+        print(
+            row(
+                label, ms(r.duration), f"{r.states_written} + {r.rows_written}",
+                f"{ours * 1e6:.2f} µs", f"{per_row['new'] / ours:.2f}",
+                f"{per_row['update'] / ours:.2f}", widths=widths,
+            )
+        )  # fmt: skip
+    steady = median_cycle(f.steady_all)
+    verdict = "met" if steady.duration <= TARGET_SECONDS else "NOT met"
+    print(
+        f"target: a steady all-changed cycle ≤ {TARGET_SECONDS:g} s (at 100000 apps): "
+        f"{steady.duration:.2f} s at {largest} apps, {verdict}"
+    )
+    ratio = per_row["update"] * written(steady) / steady.duration
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    print(
+        f"target: ≥ {TARGET_RATIO} of the baseline's speed per row (all changed, against "
+        f"updates, as nearly all its rows are): {ratio:.2f}, {verdict}"
+    )
+    print(f.profile, end="")
+
+
+if __name__ == "__main__":
+    main()
