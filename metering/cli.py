@@ -435,9 +435,9 @@ def _moment(option: str, value: str | None, *, end: bool = False) -> int | None:
 def _seconds(option: str, millis: int, *, end: bool) -> int:
     from metering.rollups.query import parse_millis  # noqa: PLC0415
 
-    seconds = parse_millis(option, millis)  # checks the range the API accepts
+    seconds = parse_millis(option, millis, round_up=end)  # the API's range and rounding
     assert seconds is not None
-    return seconds + 1 if end and millis % 1000 else seconds
+    return seconds
 
 
 def _utc_text(value: str) -> str:

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from metering.accounts.models import App
+from metering.accounts.repository import AccountRepository
 from metering.api.auth import API_KEY_PARAMETER, authorize
 from metering.api.envelope import ok
 from metering.core.database import get_engine
 from metering.core.errors import PermissionDeniedError, ValidationError
 from metering.rollups import query as rollups
-from metering.rollups.fold import ACCOUNT, APP
+from metering.rollups.fold import SCOPES
 
 router = APIRouter(tags=["stats"])
 _PARAMETERS = frozenset({"unit", "start", "end", "limit", "direction", "scope", "app"})
@@ -48,7 +48,7 @@ async def stats(
     if unknown:
         known = ", ".join(sorted(_PARAMETERS))
         raise ValidationError(f"unknown parameter {unknown[0]!r} (one of {known})")
-    if scope not in {"app", "account"}:
+    if scope not in SCOPES:
         raise ValidationError(f"scope must be app or account, got {scope!r}")
     q_unit = rollups.parse_unit(unit)
     backwards = rollups.parse_direction(direction)
@@ -57,14 +57,14 @@ async def stats(
     app_id = key.app_id if app is None else app
 
     def load() -> list[dict[str, Any]]:
-        with get_engine().connect() as conn:
+        with get_engine().connect() as conn, Session(bind=conn) as session:
             if app_id != key.app_id:
-                owner = conn.execute(select(App.account_id).where(App.id == app_id)).scalar()
-                if owner != key.account_id:
+                other = AccountRepository(session).app(app_id)
+                if other is None or other.account_id != key.account_id:
                     raise PermissionDeniedError(f"app {app_id} is not an app of this key's account")
-            entity = (APP, app_id) if scope == "app" else (ACCOUNT, key.account_id)
+            entity = app_id if scope == "app" else key.account_id
             query = rollups.Query(
-                entity[0], entity[1], q_unit, q_start, q_end, limit=limit, backwards=backwards
+                SCOPES[scope], entity, q_unit, q_start, q_end, limit=limit, backwards=backwards
             )
             entries = rollups.periods(conn, query)
         id_field = ("appId", app_id) if scope == "app" else ("accountId", key.account_id)

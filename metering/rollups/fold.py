@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from metering.rollups.models import COUNTERS
-from metering.rollups.periods import Unit
+from metering.rollups.periods import Unit, next_start, start_of
 
 APP = 1
 ACCOUNT = 2
@@ -39,11 +39,9 @@ def period_start(unit: Unit, second: int) -> int:
         return second - second % 60
     if unit is Unit.HOUR:
         return second - second % 3600
-    day = second - second % 86400
     if unit is Unit.DAY:
-        return day
-    d = datetime.fromtimestamp(day, UTC)
-    return int(d.replace(day=1).timestamp())
+        return second - second % 86400
+    return int(start_of(unit, datetime.fromtimestamp(second, UTC)).timestamp())
 
 
 def period_end(unit: Unit, start: int) -> int:
@@ -53,9 +51,7 @@ def period_end(unit: Unit, start: int) -> int:
         return start + 3600
     if unit is Unit.DAY:
         return start + 86400
-    d = datetime.fromtimestamp(start, UTC)
-    nxt = d.replace(year=d.year + 1, month=1) if d.month == 12 else d.replace(month=d.month + 1)
-    return int(nxt.timestamp())
+    return int(next_start(unit, datetime.fromtimestamp(start, UTC)).timestamp())
 
 
 class Coverage:

@@ -55,13 +55,12 @@ class Query:
 
 
 class Context:
-    """The aggregator's watermark, coverage and retention horizons, read once per request."""
+    """The aggregator's coverage (up to its watermark) and retention horizons, read once."""
 
     def __init__(self, conn: Connection) -> None:
         cursor = conn.execute(select(UsageCursor.__table__).where(UsageCursor.id == 1)).one()
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         self.coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
-        self.watermark = cursor.second
         self.horizons = {int(k): int(v) for k, v in json.loads(cursor.horizons or "{}").items()}
 
 
@@ -301,8 +300,9 @@ def parse_direction(value: str) -> bool:
 
 
 def parse_millis(name: str, value: int | None, *, round_up: bool = False) -> int | None:
-    """Milliseconds since the epoch to whole seconds (a start rounds down, so does an end:
-    periods are whole seconds)."""
+    """Milliseconds since the epoch to whole seconds. Periods start on whole seconds: a start
+    rounds down; an exclusive end rounds up (``round_up``), so that a period starting any time
+    before it is in the range."""
     if value is None:
         return None
     if not 0 <= value <= 253_402_300_799_999:  # year 9999

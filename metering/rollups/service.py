@@ -20,7 +20,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ from sqlalchemy import Connection, Engine, delete, select, text, update
 
 from metering.accounts.models import App
 from metering.core.logging import get_logger
-from metering.live.store import DatacenterStore, GlobalStore, Sample
+from metering.live.store import DatacenterStore, GlobalStore, LiveValue, Sample
 from metering.rollups import bulk, source
 from metering.rollups.fold import (
     ACCOUNT,
@@ -56,7 +55,7 @@ from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
-UNIT_COLUMNS = ("minute", "hour", "day", "month")
+UNIT_COLUMNS = tuple(u.value for u in UNITS)  # usage_state's column per unit
 STATE_COLUMNS = (
     "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area",
     *COUNTERS, *UNIT_COLUMNS,
@@ -120,7 +119,6 @@ class Aggregator:
         # a test can kill the worker at those two points (tests/e2e/test_exactly_once.py).
         self._test_pause = float(os.environ.get("METERING_TEST_AGGREGATE_PAUSE", "0") or 0)
         self._owners: dict[str, int | None] = {}
-        self._conn: Connection | None = None
 
     def run(self) -> CycleResult:
         started = time.perf_counter()
@@ -183,9 +181,8 @@ class Aggregator:
                     )
                 self._resync(folder, snapshot, watermark)
                 samples = []
-            self._conn = conn
             for second, sample in samples:
-                self._fold_sample(folder, second, sample)
+                self._fold_sample(conn, folder, second, sample)
 
             counted_upto = loaded.coverage.last
             cursors = json.loads(cursor.counter_cursors or "{}")
@@ -265,55 +262,44 @@ class Aggregator:
 
     # -- folding -----------------------------------------------------------------------
 
-    def _fold_sample(self, folder: Folder, second: int, sample: Sample) -> None:
+    def _fold_sample(self, conn: Connection, folder: Folder, second: int, sample: Sample) -> None:
         last = folder.coverage.last
         if sample.origin and last is not None:
             # A Redis that restarted empty: its first sample holds every value there is.
             folder.coverage.advance(second, second - last - 1)
-            present = {(APP, int(a)) for a in sample.apps}
-            present.update((ACCOUNT, int(a)) for a in sample.accounts)
-            for key, state in list(folder.states.items()):
-                if key not in present and (state.conns or state.channels):
-                    folder.value(key, second, 0, 0, 0)
+            _take_all(folder, second, sample.apps, sample.accounts)
         else:
             folder.coverage.advance(second, sample.gap - 1)
-        value = folder.value
-        for app, v in sample.apps.items():
-            value((APP, int(app)), second, v.connections, v.websocket, v.channels)
-        for acct, v in sample.accounts.items():
-            value((ACCOUNT, int(acct)), second, v.connections, v.websocket, v.channels)
+            _take(folder, second, sample.apps, sample.accounts)
         if sample.channels_opened:
-            self._count_opened(folder, second, sample.channels_opened)
+            opened: dict[str, list[int]] = {}
+            for app, n in sample.channels_opened.items():
+                deltas = opened[app] = [0] * len(COUNTERS)
+                deltas[CH_OPENED] = n
+            self._count(conn, folder, second, opened)
 
-    def _count_opened(self, folder: Folder, second: int, opened: dict[str, int]) -> None:
-        per_account: dict[int, int] = {}
-        owners = self._owners_of(list(opened), self._conn)
-        for app, n in opened.items():
-            deltas = [0] * len(COUNTERS)
-            deltas[CH_OPENED] = n
-            folder.count((APP, int(app)), second, deltas)
+    def _count(
+        self, conn: Connection, folder: Folder, second: int, deltas: dict[str, list[int]]
+    ) -> None:
+        """Add per-app counter ``deltas`` to the apps, and their sums to the apps' accounts."""
+        owners = self._owners_of(list(deltas), conn)
+        per_account: dict[int, list[int]] = {}
+        for app, d in deltas.items():
+            folder.count((APP, int(app)), second, d)
             owner = owners.get(app)
             if owner is not None:
-                per_account[owner] = per_account.get(owner, 0) + n
-        for acct, n in per_account.items():
-            deltas = [0] * len(COUNTERS)
-            deltas[CH_OPENED] = n
-            folder.count((ACCOUNT, acct), second, deltas)
+                acc = per_account.setdefault(owner, [0] * len(COUNTERS))
+                for i, x in enumerate(d):
+                    acc[i] += x
+        for acct, d in per_account.items():
+            folder.count((ACCOUNT, acct), second, d)
 
     def _resync(self, folder: Folder, snapshot: source.Snapshot, watermark: int | None) -> None:
         """Take every value from the live snapshot (the first cycle, or samples were lost)."""
         second = snapshot.second
         assert second is not None
         folder.coverage.advance(second, 0 if watermark is None else second - watermark - 1)
-        seen: set[Key] = set()
-        for scope, values in ((APP, snapshot.apps), (ACCOUNT, snapshot.accounts)):
-            for ident, v in values.items():
-                key = (scope, int(ident))
-                seen.add(key)
-                folder.value(key, second, v.connections, v.websocket, v.channels)
-        for key, state in list(folder.states.items()):
-            if key not in seen and (state.conns or state.channels):
-                folder.value(key, second, 0, 0, 0)
+        _take_all(folder, second, snapshot.apps, snapshot.accounts)
 
     def _fold_counters(
         self,
@@ -341,33 +327,21 @@ class Aggregator:
             if gone:
                 retiring.append((dc, gone))
             cursors[dc] = [changes.epoch, changes.seq]
-        if not deltas:
-            return 0, dirty, retiring
-        owners = self._owners_of(list(deltas), conn)
-        per_account: dict[int, list[int]] = {}
-        for app, d in deltas.items():
-            folder.count((APP, int(app)), second, d)
-            owner = owners.get(app)
-            if owner is not None:
-                acc = per_account.setdefault(owner, [0] * len(COUNTERS))
-                for i, x in enumerate(d):
-                    acc[i] += x
-        for acct, d in per_account.items():
-            folder.count((ACCOUNT, acct), second, d)
+        if deltas:
+            self._count(conn, folder, second, deltas)
         return len(deltas), dirty, retiring
 
-    def _owners_of(self, apps: list[str], conn: Connection | None = None) -> dict[str, int | None]:
+    def _owners_of(self, apps: list[str], conn: Connection) -> dict[str, int | None]:
+        """Each app's account (an app never changes account: cached for the process)."""
         missing = [a for a in apps if a not in self._owners and a.isdigit()]
-        if missing:
-            with self.engine.connect() if conn is None else nullcontext(conn) as c:
-                for start in range(0, len(missing), 10_000):
-                    chunk = [int(a) for a in missing[start : start + 10_000]]
-                    found = dict(
-                        c.execute(select(App.id, App.account_id).where(App.id.in_(chunk))).all()
-                    )
-                    for a in chunk:
-                        if a in found:  # unknown apps are asked again later
-                            self._owners[str(a)] = found[a]
+        for start in range(0, len(missing), 10_000):
+            chunk = [int(a) for a in missing[start : start + 10_000]]
+            found = dict(
+                conn.execute(select(App.id, App.account_id).where(App.id.in_(chunk))).all()
+            )
+            for a in chunk:
+                if a in found:  # unknown apps are asked again later
+                    self._owners[str(a)] = found[a]
         return {a: self._owners.get(a) for a in apps}
 
     # -- loading and writing -----------------------------------------------------------
@@ -457,6 +431,35 @@ class Aggregator:
             conn, "usage_marks", columns=columns, keys=columns[:2], rows=rows,
             merge={c: f"excluded.{c}" for c in columns[2:]},
         )  # fmt: skip
+
+
+def _take(
+    folder: Folder,
+    second: int,
+    apps: Mapping[str, LiveValue],
+    accounts: Mapping[str, LiveValue],
+) -> None:
+    """The values of these apps and accounts at the counted ``second``."""
+    value = folder.value
+    for app, v in apps.items():
+        value((APP, int(app)), second, v.connections, v.websocket, v.channels)
+    for acct, v in accounts.items():
+        value((ACCOUNT, int(acct)), second, v.connections, v.websocket, v.channels)
+
+
+def _take_all(
+    folder: Folder,
+    second: int,
+    apps: Mapping[str, LiveValue],
+    accounts: Mapping[str, LiveValue],
+) -> None:
+    """Every value there is at ``second``: what is absent from these is zero now."""
+    _take(folder, second, apps, accounts)
+    present = {(APP, int(a)) for a in apps}
+    present.update((ACCOUNT, int(a)) for a in accounts)
+    for key, state in list(folder.states.items()):
+        if key not in present and (state.conns or state.channels):
+            folder.value(key, second, 0, 0, 0)
 
 
 def _retirements(
@@ -577,11 +580,10 @@ def enforce_retention(
             if store is None:
                 continue
             source.forget_incarnations(store, incs)
-            for inc in incs:
-                conn.execute(
-                    delete(UsageMark).where(
-                        (UsageMark.datacenter == dc) & (UsageMark.incarnation == inc)
-                    )
+            conn.execute(
+                delete(UsageMark).where(
+                    (UsageMark.datacenter == dc) & UsageMark.incarnation.in_(incs)
                 )
+            )
             forgotten += len(incs)
     return RetentionResult(deleted=deleted, marks_forgotten=forgotten)
