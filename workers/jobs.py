@@ -16,6 +16,7 @@ from metering.core import redis as redis_clients
 from metering.core.settings import get_settings
 from metering.live import service as live
 from metering.live.wiring import datacenter_stores, global_store
+from metering.rollups import retention as rollup_retention
 from metering.rollups import service as rollups
 from metering.rollups.periods import Unit
 
@@ -78,7 +79,9 @@ def retention() -> dict[str, Any]:
             (Unit.MONTH, settings.retention_month),
         )
     }
-    result = rollups.enforce_retention(database.get_engine(), datacenter_stores(settings), kept)
+    result = rollup_retention.enforce_retention(
+        database.get_engine(), datacenter_stores(settings), kept
+    )
     return {"deleted": result.deleted, "marks_forgotten": result.marks_forgotten}
 
 

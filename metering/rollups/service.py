@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select, text, update
+from sqlalchemy import Connection, Engine, select, text, update
 
 from metering.accounts.models import App
 from metering.core.logging import get_logger
@@ -33,14 +33,12 @@ from metering.rollups.fold import (
     ACCOUNT,
     APP,
     CH_OPENED,
-    UNIT_CODES,
     UNITS,
     Coverage,
     Folder,
     Key,
     Row,
     State,
-    period_start,
 )
 from metering.rollups.models import (
     COUNTERS,
@@ -51,7 +49,6 @@ from metering.rollups.models import (
     UsageRollup,
     UsageState,
 )
-from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
@@ -522,68 +519,3 @@ def _row_from(r: Any) -> Row:
 
 
 __all__ = ["UNITS", "Aggregator", "CycleResult"]
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionResult:
-    deleted: dict[str, int]
-    marks_forgotten: int
-
-
-def enforce_retention(
-    engine: Engine,
-    datacenters: Mapping[str, DatacenterStore],
-    kept: Mapping[Unit, float | None],
-    *,
-    now: float | None = None,
-) -> RetentionResult:
-    """Delete rollup rows older than each unit's retention, and counter marks nobody needs.
-
-    Reads never synthesise a period before a unit's horizon (the start of the oldest period
-    kept), so a deleted period reads as absent, not as a carried value.
-    """
-    second = int(time.time() if now is None else now)
-    deleted: dict[str, int] = {}
-    with engine.begin() as conn:
-        cursor = conn.execute(select(UsageCursor.__table__).where(UsageCursor.id == 1)).one()
-        horizons = json.loads(cursor.horizons or "{}")
-        t = UsageRollup.__table__
-        for unit, seconds in kept.items():
-            if seconds is None:
-                continue
-            cutoff = period_start(unit, second - int(seconds))
-            code = UNIT_CODES[unit]
-            result = conn.execute(
-                delete(UsageRollup).where((t.c.unit == code) & (t.c.period_start < cutoff))
-            )
-            deleted[unit.value] = result.rowcount
-            horizons[str(code)] = max(cutoff, int(horizons.get(str(code), 0)))
-        conn.execute(
-            update(UsageCursor)
-            .where(UsageCursor.id == 1)
-            .values(horizons=json.dumps(horizons, sort_keys=True))
-        )
-    # Marks of reaped incarnations whose final totals were applied an hour ago or more: their
-    # Redis counters go first, so that no counter is ever left without its mark.
-    forgotten = 0
-    with engine.begin() as conn:
-        old = conn.execute(
-            select(UsageMark.datacenter, UsageMark.incarnation).where(
-                UsageMark.retired & (UsageMark.updated < second - 3600)
-            )
-        ).all()
-        by_dc: dict[str, list[str]] = {}
-        for dc, inc in old:
-            by_dc.setdefault(dc, []).append(inc)
-        for dc, incs in by_dc.items():
-            store = datacenters.get(dc)
-            if store is None:
-                continue
-            source.forget_incarnations(store, incs)
-            conn.execute(
-                delete(UsageMark).where(
-                    (UsageMark.datacenter == dc) & UsageMark.incarnation.in_(incs)
-                )
-            )
-            forgotten += len(incs)
-    return RetentionResult(deleted=deleted, marks_forgotten=forgotten)

@@ -11,7 +11,8 @@ from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups import query
 from metering.rollups.fold import APP
 from metering.rollups.periods import Unit
-from metering.rollups.service import Aggregator, enforce_retention
+from metering.rollups.retention import enforce_retention
+from metering.rollups.service import Aggregator
 from tests.conftest import Env
 from tests.factories import tenant
 from tests.scratch import REDIS_URL

@@ -1,0 +1,81 @@
+"""Retention: rollup rows older than their unit's setting go, and marks nobody needs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, delete, select, update
+
+from metering.live.store import DatacenterStore
+from metering.rollups import source
+from metering.rollups.fold import UNIT_CODES, period_start
+from metering.rollups.models import UsageCursor, UsageMark, UsageRollup
+from metering.rollups.periods import Unit
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    deleted: dict[str, int]
+    marks_forgotten: int
+
+
+def enforce_retention(
+    engine: Engine,
+    datacenters: Mapping[str, DatacenterStore],
+    kept: Mapping[Unit, float | None],
+    *,
+    now: float | None = None,
+) -> RetentionResult:
+    """Delete rollup rows older than each unit's retention, and counter marks nobody needs.
+
+    Reads never synthesise a period before a unit's horizon (the start of the oldest period
+    kept), so a deleted period reads as absent, not as a carried value.
+    """
+    second = int(time.time() if now is None else now)
+    deleted: dict[str, int] = {}
+    with engine.begin() as conn:
+        cursor = conn.execute(select(UsageCursor.__table__).where(UsageCursor.id == 1)).one()
+        horizons = json.loads(cursor.horizons or "{}")
+        t = UsageRollup.__table__
+        for unit, seconds in kept.items():
+            if seconds is None:
+                continue
+            cutoff = period_start(unit, second - int(seconds))
+            code = UNIT_CODES[unit]
+            result = conn.execute(
+                delete(UsageRollup).where((t.c.unit == code) & (t.c.period_start < cutoff))
+            )
+            deleted[unit.value] = result.rowcount
+            horizons[str(code)] = max(cutoff, int(horizons.get(str(code), 0)))
+        conn.execute(
+            update(UsageCursor)
+            .where(UsageCursor.id == 1)
+            .values(horizons=json.dumps(horizons, sort_keys=True))
+        )
+    # Marks of reaped incarnations whose final totals were applied an hour ago or more: their
+    # Redis counters go first, so that no counter is ever left without its mark.
+    forgotten = 0
+    with engine.begin() as conn:
+        old = conn.execute(
+            select(UsageMark.datacenter, UsageMark.incarnation).where(
+                UsageMark.retired & (UsageMark.updated < second - 3600)
+            )
+        ).all()
+        by_dc: dict[str, list[str]] = {}
+        for dc, inc in old:
+            by_dc.setdefault(dc, []).append(inc)
+        for dc, incs in by_dc.items():
+            store = datacenters.get(dc)
+            if store is None:
+                continue
+            source.forget_incarnations(store, incs)
+            conn.execute(
+                delete(UsageMark).where(
+                    (UsageMark.datacenter == dc) & UsageMark.incarnation.in_(incs)
+                )
+            )
+            forgotten += len(incs)
+    return RetentionResult(deleted=deleted, marks_forgotten=forgotten)
