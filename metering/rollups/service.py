@@ -21,24 +21,29 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, Engine, select, text, update
 
 from metering.accounts.models import App
 from metering.core.logging import get_logger
-from metering.live.store import DatacenterStore, GlobalStore, LiveValue, Sample
+from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups import bulk, source
 from metering.rollups.fold import (
     ACCOUNT,
     APP,
     CH_OPENED,
+    N_COUNTERS,
+    R_START,
+    S_CH,
+    S_CONNS,
     UNITS,
+    Book,
     Coverage,
     Folder,
-    Key,
-    Row,
-    State,
+    Ints,
+    codes,
+    split,
 )
 from metering.rollups.models import (
     COUNTERS,
@@ -46,8 +51,6 @@ from metering.rollups.models import (
     UsageCursor,
     UsageGap,
     UsageMark,
-    UsageRollup,
-    UsageState,
 )
 
 log = get_logger(__name__)
@@ -92,7 +95,7 @@ class _Loaded:
     """What the process knows of Postgres as of ``cycle`` (see the module docstring)."""
 
     cycle: int
-    states: dict[Key, State]
+    book: Book
     coverage: Coverage
     marks: dict[tuple[str, str], dict[str, list[int]]]
     retired: set[tuple[str, str]] = field(default_factory=set)
@@ -115,7 +118,9 @@ class Aggregator:
         # Tests only: hold each cycle this long just before its commit and just after it, so
         # a test can kill the worker at those two points (tests/e2e/test_exactly_once.py).
         self._test_pause = float(os.environ.get("METERING_TEST_AGGREGATE_PAUSE", "0") or 0)
-        self._owners: dict[str, int | None] = {}
+        # Each app's account, sorted by app (an app never changes account: cached).
+        self._owner_apps: Ints = np.zeros(0, dtype=np.int64)
+        self._owner_accounts: Ints = np.zeros(0, dtype=np.int64)
 
     def run(self) -> CycleResult:
         started = time.perf_counter()
@@ -150,18 +155,18 @@ class Aggregator:
                 return CycleResult(committed=False, reason="another cycle is running"), []
             loaded = self._load(conn, cursor)
             watermark = cursor.second
-            folder = Folder(loaded.states, loaded.coverage)
+            folder = Folder(loaded.book, loaded.coverage)
             gaps_before = len(loaded.coverage.gaps())
 
             samples = source.samples_after(self.global_store, watermark, self.max_samples)
             lost = 0
-            if samples and samples[0][1].origin:
+            if samples and samples[0].origin:
                 # The stream starts at the first second this Redis counted: fold it whole.
                 # (With a watermark, that means Redis restarted empty: the samples before
                 # went with it, and the new ones hold every value again.)
-                if watermark is not None and samples[0][0] <= watermark:
-                    samples = [s for s in samples if s[0] > watermark]
-            elif watermark is None or (samples and samples[0][0] - samples[0][1].gap != watermark):
+                if watermark is not None and samples[0].second <= watermark:
+                    samples = [s for s in samples if s.second > watermark]
+            elif watermark is None or (samples and samples[0].second - samples[0].gap != watermark):
                 snapshot = source.live_snapshot(self.global_store)
                 if snapshot.second is None or (
                     watermark is not None and snapshot.second <= watermark
@@ -178,8 +183,8 @@ class Aggregator:
                     )
                 self._resync(folder, snapshot, watermark)
                 samples = []
-            for second, sample in samples:
-                self._fold_sample(conn, folder, second, sample)
+            for sample in samples:
+                self._fold_sample(conn, folder, sample)
 
             counted_upto = loaded.coverage.last
             cursors = json.loads(cursor.counter_cursors or "{}")
@@ -259,44 +264,42 @@ class Aggregator:
 
     # -- folding -----------------------------------------------------------------------
 
-    def _fold_sample(self, conn: Connection, folder: Folder, second: int, sample: Sample) -> None:
-        last = folder.coverage.last
+    def _fold_sample(self, conn: Connection, folder: Folder, sample: source.Columns) -> None:
+        last, second = folder.coverage.last, sample.second
         if sample.origin and last is not None:
             # A Redis that restarted empty: its first sample holds every value there is.
             folder.coverage.advance(second, second - last - 1)
-            _take_all(folder, second, sample.apps, sample.accounts)
+            _take_all(folder, second, sample.values)
         else:
             folder.coverage.advance(second, sample.gap - 1)
-            _take(folder, second, sample.apps, sample.accounts)
-        if sample.channels_opened:
-            opened: dict[str, list[int]] = {}
-            for app, n in sample.channels_opened.items():
-                deltas = opened[app] = [0] * len(COUNTERS)
-                deltas[CH_OPENED] = n
-            self._count(conn, folder, second, opened)
+            v = sample.values
+            folder.values(second, v.code, v.conns, v.ws, v.channels)
+        if sample.opened.size:
+            deltas = np.zeros((len(sample.opened), N_COUNTERS), dtype=np.int64)
+            deltas[:, CH_OPENED] = sample.opened
+            self._count(conn, folder, second, sample.opened_apps, deltas)
 
     def _count(
-        self, conn: Connection, folder: Folder, second: int, deltas: dict[str, list[int]]
+        self, conn: Connection, folder: Folder, second: int, apps: Ints, deltas: Ints
     ) -> None:
-        """Add per-app counter ``deltas`` to the apps, and their sums to the apps' accounts."""
-        owners = self._owners_of(list(deltas), conn)
-        per_account: dict[int, list[int]] = {}
-        for app, d in deltas.items():
-            folder.count((APP, int(app)), second, d)
-            owner = owners.get(app)
-            if owner is not None:
-                acc = per_account.setdefault(owner, [0] * len(COUNTERS))
-                for i, x in enumerate(d):
-                    acc[i] += x
-        for acct, d in per_account.items():
-            folder.count((ACCOUNT, acct), second, d)
+        """Add counter ``deltas`` (a row per distinct app) to the apps, and their sums to the
+        apps' accounts."""
+        folder.count(second, codes(APP, apps), deltas)
+        owners = self._owners_of(apps, conn)
+        known = owners >= 0
+        if not known.any():
+            return
+        accounts, which = np.unique(owners[known], return_inverse=True)
+        sums = np.zeros((len(accounts), N_COUNTERS), dtype=np.int64)
+        np.add.at(sums, which, deltas[known])
+        folder.count(second, codes(ACCOUNT, accounts), sums)
 
     def _resync(self, folder: Folder, snapshot: source.Snapshot, watermark: int | None) -> None:
         """Take every value from the live snapshot (the first cycle, or samples were lost)."""
         second = snapshot.second
         assert second is not None
         folder.coverage.advance(second, 0 if watermark is None else second - watermark - 1)
-        _take_all(folder, second, snapshot.apps, snapshot.accounts)
+        _take_all(folder, second, snapshot.values)
 
     def _fold_counters(
         self,
@@ -325,21 +328,34 @@ class Aggregator:
                 retiring.append((dc, gone))
             cursors[dc] = [changes.epoch, changes.seq]
         if deltas:
-            self._count(conn, folder, second, deltas)
+            apps = np.array([int(a) for a in deltas], dtype=np.int64)
+            self._count(conn, folder, second, apps, np.array(list(deltas.values()), dtype=np.int64))
         return len(deltas), dirty, retiring
 
-    def _owners_of(self, apps: list[str], conn: Connection) -> dict[str, int | None]:
-        """Each app's account (an app never changes account: cached for the process)."""
-        missing = [a for a in apps if a not in self._owners and a.isdigit()]
-        for start in range(0, len(missing), 10_000):
-            chunk = [int(a) for a in missing[start : start + 10_000]]
-            found = dict(
-                conn.execute(select(App.id, App.account_id).where(App.id.in_(chunk))).all()
-            )
-            for a in chunk:
-                if a in found:  # unknown apps are asked again later
-                    self._owners[str(a)] = found[a]
-        return {a: self._owners.get(a) for a in apps}
+    def _owners_of(self, apps: Ints, conn: Connection) -> Ints:
+        """Each app's account, -1 for an app Postgres does not know (asked again later)."""
+        pos = np.searchsorted(self._owner_apps, apps)
+        found = pos < len(self._owner_apps)
+        found[found] = self._owner_apps[pos[found]] == apps[found]
+        missing = apps[~found]
+        if missing.size:
+            new: list[tuple[int, int]] = []
+            for start in range(0, len(missing), 10_000):
+                chunk = [int(a) for a in missing[start : start + 10_000]]
+                query = select(App.id, App.account_id).where(App.id.in_(chunk))
+                new += [(a, acct) for a, acct in conn.execute(query).all()]
+            if new:
+                pairs = np.array(new, dtype=np.int64)
+                every = np.concatenate([self._owner_apps, pairs[:, 0]])
+                order = np.argsort(every, kind="stable")
+                self._owner_apps = every[order]
+                self._owner_accounts = np.concatenate([self._owner_accounts, pairs[:, 1]])[order]
+                pos = np.searchsorted(self._owner_apps, apps)
+                found = pos < len(self._owner_apps)
+                found[found] = self._owner_apps[pos[found]] == apps[found]
+        out = np.full(len(apps), -1, dtype=np.int64)
+        out[found] = self._owner_accounts[pos[found]]
+        return out
 
     # -- loading and writing -----------------------------------------------------------
 
@@ -347,28 +363,26 @@ class Aggregator:
         loaded = self._loaded
         if loaded is not None and loaded.cycle == cursor.cycle:
             return loaded
-        states: dict[Key, State] = {}
-        for r in conn.execute(select(UsageState.__table__)).mappings():
-            states[(r["scope"], r["entity_id"])] = State(
-                conns=r["conns"],
-                ws=r["ws"],
-                channels=r["channels"],
-                since=r["since"],
-                area=r["area"],
-                ch_area=r["ch_area"],
-                counters=[r[c] for c in COUNTERS],
-            )
+        book = Book()
+        unit_starts = ", ".join(f"COALESCE({u}, -1) AS {u}" for u in UNIT_COLUMNS)
+        states = bulk.select_array(
+            conn,
+            f"SELECT {', '.join(STATE_COLUMNS[: -len(UNITS)])}, {unit_starts} FROM usage_state",  # noqa: S608
+            "usage_state",
+            STATE_COLUMNS,
+        )
+        idx = book.add(codes(states[:, 0], states[:, 1]), 0)
+        book.state[idx] = states[:, 2 : -len(UNITS)]
         for i, unit_column in enumerate(UNIT_COLUMNS):
-            t, s = UsageRollup.__table__, UsageState.__table__
-            query = select(t).join(
-                s,
-                (t.c.scope == s.c.scope)
-                & (t.c.entity_id == s.c.entity_id)
-                & (t.c.unit == i + 1)
-                & (t.c.period_start == s.c[unit_column]),
+            rows = bulk.select_array(
+                conn,
+                f"SELECT {', '.join('r.' + c for c in ROW_COLUMNS)} FROM usage_rollups r "  # noqa: S608
+                f"JOIN usage_state s ON r.scope = s.scope AND r.entity_id = s.entity_id "
+                f"AND r.unit = {i + 1} AND r.period_start = s.{unit_column}",
+                "usage_rollups",
+                ROW_COLUMNS,
             )
-            for r in conn.execute(query).mappings():
-                states[(r["scope"], r["entity_id"])].rows[i] = _row_from(r)
+            book.rows[i, book.find(codes(rows[:, 0], rows[:, 1]))] = rows[:, 3:]
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
         marks: dict[tuple[str, str], dict[str, list[int]]] = {}
@@ -377,34 +391,31 @@ class Aggregator:
             marks[(m.datacenter, m.incarnation)] = json.loads(m.totals)
             if m.retired:
                 retired.add((m.datacenter, m.incarnation))
-        self._loaded = _Loaded(cursor.cycle, states, coverage, marks, retired)
+        self._loaded = _Loaded(cursor.cycle, book, coverage, marks, retired)
         return self._loaded
 
     def _write(self, conn: Connection, folder: Folder) -> tuple[int, int]:
-        states = folder.states
-        state_rows = []
-        for key in folder.dirty.states:
-            s = states[key]
-            state_rows.append(
-                (
-                    key[0], key[1], s.conns, s.ws, s.channels, s.since, s.area, s.ch_area,
-                    *s.counters, *[r.start if r is not None else None for r in s.rows],
-                )
-            )  # fmt: skip
-        rows = []
-        for (key, i, _start), r in folder.dirty.rows.items():
-            rows.append(
-                (
-                    key[0], key[1], i + 1, r.start, r.conns0, r.ws0, r.channels0, r.area0,
-                    r.ch_area0, *r.counters0,
-                    r.peak, r.peak_at, r.min, r.ws_peak, r.ch_peak, r.ch_min,
-                )
-            )  # fmt: skip
-        bulk.upsert(
+        book = folder.book
+        idx = np.nonzero(book.dirty_state[: book.size])[0]
+        starts = book.rows[:, idx, R_START].T
+        assert (starts >= 0).all(), "a dirty entity has a row per unit"
+        state_rows = np.column_stack([*split(book.codes[idx]), book.state[idx], starts])
+        parts = [
+            (u, book.codes[iu], book.rows[u, iu])
+            for u in range(len(UNITS))
+            for iu in [np.nonzero(book.dirty_rows[u, : book.size])[0]]
+        ]
+        blocks = [
+            np.column_stack([*split(code), np.full(len(code), u + 1, dtype=np.int64), rows])
+            for u, code, rows in [*parts, *folder.closed]
+            if len(code)
+        ]
+        rows = np.concatenate(blocks) if blocks else np.zeros((0, len(ROW_COLUMNS)), np.int64)
+        bulk.upsert_array(
             conn, "usage_state", columns=STATE_COLUMNS, keys=("scope", "entity_id"),
             rows=state_rows, merge=_STATE_MERGE,
         )  # fmt: skip
-        bulk.upsert(
+        bulk.upsert_array(
             conn, "usage_rollups", columns=ROW_COLUMNS,
             keys=("scope", "entity_id", "unit", "period_start"), rows=rows, merge=_ROW_MERGE,
         )  # fmt: skip
@@ -430,33 +441,16 @@ class Aggregator:
         )  # fmt: skip
 
 
-def _take(
-    folder: Folder,
-    second: int,
-    apps: Mapping[str, LiveValue],
-    accounts: Mapping[str, LiveValue],
-) -> None:
-    """The values of these apps and accounts at the counted ``second``."""
-    value = folder.value
-    for app, v in apps.items():
-        value((APP, int(app)), second, v.connections, v.websocket, v.channels)
-    for acct, v in accounts.items():
-        value((ACCOUNT, int(acct)), second, v.connections, v.websocket, v.channels)
-
-
-def _take_all(
-    folder: Folder,
-    second: int,
-    apps: Mapping[str, LiveValue],
-    accounts: Mapping[str, LiveValue],
-) -> None:
-    """Every value there is at ``second``: what is absent from these is zero now."""
-    _take(folder, second, apps, accounts)
-    present = {(APP, int(a)) for a in apps}
-    present.update((ACCOUNT, int(a)) for a in accounts)
-    for key, state in list(folder.states.items()):
-        if key not in present and (state.conns or state.channels):
-            folder.value(key, second, 0, 0, 0)
+def _take_all(folder: Folder, second: int, values: source.Values) -> None:
+    """Every value there is at ``second``: what is absent from ``values`` is zero now."""
+    folder.values(second, values.code, values.conns, values.ws, values.channels)
+    book = folder.book
+    present = np.zeros(book.size, dtype=np.bool_)
+    present[book.find(values.code)] = True
+    held = book.state[: book.size]
+    gone = np.nonzero(~present & ((held[:, S_CONNS] != 0) | (held[:, S_CH] != 0)))[0]
+    zeros = np.zeros(len(gone), dtype=np.int64)
+    folder.values(second, book.codes[gone], zeros, zeros, zeros)
 
 
 def _retirements(
@@ -498,24 +492,6 @@ def _beyond_marks(
                 mark[i] = total
                 moved = True
     return moved
-
-
-def _row_from(r: Any) -> Row:
-    return Row(
-        start=r["period_start"],
-        conns0=r["conns0"],
-        ws0=r["ws0"],
-        channels0=r["channels0"],
-        area0=r["area0"],
-        ch_area0=r["ch_area0"],
-        counters0=[r[f"{c}0"] for c in COUNTERS],
-        peak=r["peak"],
-        peak_at=r["peak_at"],
-        min=r["min"],
-        ws_peak=r["ws_peak"],
-        ch_peak=r["ch_peak"],
-        ch_min=r["ch_min"],
-    )
 
 
 __all__ = ["UNITS", "Aggregator", "CycleResult"]

@@ -8,16 +8,89 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from metering.live.store import DatacenterStore, GlobalStore, LiveValue, Sample, _s, _unpack
+import numpy as np
+import numpy.typing as npt
+
+from metering.core.logging import get_logger
+from metering.live.store import DatacenterStore, GlobalStore, _hmget_chunks, _joined, _s
+from metering.rollups.fold import ACCOUNT, APP, Ints, codes
 from metering.rollups.models import FRONTEND_COUNTERS
 
-_COUNTER_INDEX = {name: i for i, name in enumerate(FRONTEND_COUNTERS)}
+log = get_logger(__name__)
 
 
-def samples_after(store: GlobalStore, second: int | None, count: int) -> list[tuple[int, Sample]]:
+def _b(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _ints(raw: Any, sep: str = ",") -> Ints:
+    """Decimal integers separated by ``sep`` (b"" or None: none), parsed by NumPy."""
+    if not raw:
+        return np.zeros(0, dtype=np.int64)
+    return np.fromstring(_b(raw), dtype=np.int64, sep=sep)
+
+
+@dataclass(frozen=True, slots=True)
+class Values:
+    """Values of entities (apps and accounts, as ``fold.codes``) at some second, column-wise."""
+
+    code: Ints
+    conns: Ints  # all realtime transports
+    ws: Ints
+    channels: Ints
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """One 1-second sample, column-wise (``docs/redis-keys.md``: ``{p}:samples``)."""
+
+    second: int
+    gap: int
+    origin: bool  # the first second this Redis counted: it holds every value
+    values: Values  # what changed in it
+    opened_apps: Ints  # apps in which channels became active in it
+    opened: Ints  # how many, per app
+
+
+def _values(f: dict[bytes, Any], ids: bytes, columns: tuple[bytes, ...], scope: int) -> Values:
+    code = codes(scope, _ints(f.get(ids)))
+    if not code.size:
+        empty = np.zeros(0, dtype=np.int64)
+        return Values(code, empty, empty, empty)
+    w, s, lp, c = (_ints(f[name]) for name in columns)
+    return Values(code, w + s + lp, w, c)
+
+
+def _concat(*parts: Values) -> Values:
+    return Values(*(np.concatenate([getattr(p, name) for p in parts]) for name in Values.__slots__))
+
+
+def parse_sample(second: int, fields: dict[Any, Any]) -> Columns:
+    f = {_b(k): v for k, v in fields.items()}
+    apps = _values(f, b"apps", (b"w", b"s", b"l", b"c"), APP)
+    accounts = _values(f, b"accounts", (b"aw", b"as", b"al", b"ac"), ACCOUNT)
+    opened = _ints(f.get(b"opened")) if apps.code.size else np.zeros(0, dtype=np.int64)
+    some = opened > 0
+    return Columns(
+        second=second,
+        gap=int(f[b"gap"]),
+        origin=b"origin" in f,
+        values=_concat(apps, accounts),
+        opened_apps=(apps.code // 4)[some] if opened.size else opened,
+        opened=opened[some],
+    )
+
+
+def samples_after(store: GlobalStore, second: int | None, count: int) -> list[Columns]:
     """Up to ``count`` samples after ``second`` (all of them from the start if None)."""
     start = 0 if second is None else second + 1
-    return store.samples(start, count)
+    entries: list[tuple[Any, dict[Any, Any]]] = store.client.xrange(  # type: ignore[assignment]
+        store.key("samples"), min=f"{start * 1000}", count=count
+    )
+    return [
+        parse_sample(int(_s(entry_id).split("-")[0]) // 1000, fields)
+        for entry_id, fields in entries
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +98,17 @@ class Snapshot:
     """The global live values as of the tick ``second``, read in one MULTI."""
 
     second: int | None
-    apps: dict[str, LiveValue]
-    accounts: dict[str, LiveValue]
+    values: Values  # every app and account with a value (absent: all zero)
+
+
+def _live(values: dict[Any, Any], scope: int) -> Values:
+    if not values:
+        empty = np.zeros(0, dtype=np.int64)
+        return Values(empty, empty, empty, empty)
+    ids = np.array([int(k) for k in values], dtype=np.int64)
+    # Each value is '<websocket> <streaming> <long_poll> <channels>'.
+    cols = _ints(b" ".join(_b(v) for v in values.values()), sep=" ").reshape(-1, 4)
+    return Values(codes(scope, ids), cols[:, 0] + cols[:, 1] + cols[:, 2], cols[:, 0], cols[:, 3])
 
 
 def live_snapshot(store: GlobalStore) -> Snapshot:
@@ -37,8 +119,7 @@ def live_snapshot(store: GlobalStore) -> Snapshot:
     second, apps, accounts = pipe.execute()
     return Snapshot(
         second=int(second) if second is not None else None,
-        apps={_s(k): LiveValue(*_unpack(_s(v))) for k, v in apps.items()},
-        accounts={_s(k): LiveValue(*_unpack(_s(v))) for k, v in accounts.items()},
+        values=_concat(_live(apps, APP), _live(accounts, ACCOUNT)),
     )
 
 
@@ -71,23 +152,110 @@ def counter_changes(store: DatacenterStore, after: int) -> CounterChanges:
     )
 
 
+def _decimal_ints(values: list[Any], width: int) -> npt.NDArray[np.int64] | None:
+    """``values`` (bytes, each ``width`` decimals separated by spaces) as an (n, width) array,
+    parsed by NumPy in one call; None if any of them is not that (the caller goes one by one)."""
+    if not values:
+        return np.zeros((0, width), dtype=np.int64)
+    joined = b" ".join(values) if isinstance(values[0], bytes) else " ".join(values).encode()
+    try:
+        parsed = np.fromstring(joined, dtype=np.int64, sep=" ")
+    except ValueError:  # something other than decimals and spaces
+        return None
+    if parsed.size != len(values) * width:
+        return None
+    return parsed.reshape(len(values), width)
+
+
+def _one_by_one(
+    inc: str, apps: list[Any], values: list[Any]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The slow path of ``changed_counters``: skip (and log) the values that are malformed."""
+    ids: list[int] = []
+    rows: list[list[int]] = []
+    for app, value in zip(apps, values, strict=True):
+        try:
+            app_id, totals = int(app), [int(x) for x in value.split()]
+        except ValueError:
+            totals = []
+        if len(totals) != len(FRONTEND_COUNTERS):
+            log.warning(
+                "metering.malformed_counters", incarnation=inc, app=_s(app), value=_s(value)
+            )
+            continue
+        ids.append(app_id)
+        rows.append(totals)
+    return (
+        np.array(ids, dtype=np.int64),
+        np.array(rows, dtype=np.int64).reshape(len(rows), len(FRONTEND_COUNTERS)),
+    )
+
+
+def changed_counters(
+    store: DatacenterStore, incarnations: list[str], after: int
+) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """Per incarnation, the apps whose counters it flushed after the sequence ``after`` (0:
+    every app it ever flushed) with their cumulative totals: app ids, shape (n,), and totals,
+    shape (n, 6) in ``FRONTEND_COUNTERS`` order. Two round trips for all the incarnations.
+
+    A value flushed after the returned change (its sequence is later than the caller's
+    cursor) is fine to apply: totals are absolute, and the next read sees the same or more.
+    An app whose hash field is gone (the incarnation was forgotten meanwhile) is left out.
+    """
+    if not incarnations:
+        return {}
+    pipe = store.client.pipeline(transaction=False)
+    for inc in incarnations:
+        pipe.zrangebyscore(store.key(f"fe:{inc}:counter-apps"), f"({after}", "+inf")
+    changed: list[list[Any]] = pipe.execute()
+    pipe = store.client.pipeline(transaction=False)
+    for inc, apps in zip(incarnations, changed, strict=True):
+        _hmget_chunks(pipe, store.key(f"fe:{inc}:counters"), apps)
+    replies = iter(pipe.execute())
+    return {
+        inc: _parse_counters(inc, apps, _joined(replies, apps))
+        for inc, apps in zip(incarnations, changed, strict=True)
+    }
+
+
+def _parse_counters(
+    inc: str, apps: list[Any], values: list[Any]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    if None in values:  # fields gone: skipped
+        kept = [k for k, v in enumerate(values) if v is not None]
+        apps, values = [apps[k] for k in kept], [values[k] for k in kept]
+    ids, totals = _decimal_ints(apps, 1), _decimal_ints(values, len(FRONTEND_COUNTERS))
+    if ids is None or totals is None:
+        return _one_by_one(inc, apps, values)
+    return ids.reshape(-1), totals
+
+
 def counters(store: DatacenterStore, incarnations: list[str]) -> dict[str, dict[str, list[int]]]:
-    """Each incarnation's cumulative counters: app -> totals in ``FRONTEND_COUNTERS`` order."""
+    """Each incarnation's cumulative counters: app -> totals in ``FRONTEND_COUNTERS`` order.
+
+    Reads every field of every hash: ``changed_counters`` reads only what changed.
+    """
     pipe = store.client.pipeline(transaction=False)
     for inc in incarnations:
         pipe.hgetall(store.key(f"fe:{inc}:counters"))
+    width = len(FRONTEND_COUNTERS)
     out: dict[str, dict[str, list[int]]] = {}
     for inc, fields in zip(incarnations, pipe.execute(), strict=True):
         per_app: dict[str, list[int]] = {}
-        for raw_field, raw_value in fields.items():
-            app, _, name = _s(raw_field).rpartition("|")
-            i = _COUNTER_INDEX.get(name)
-            if i is None or not app:
+        for raw_app, raw_value in fields.items():
+            try:
+                totals = [int(x) for x in raw_value.split()]
+            except ValueError:
+                totals = []
+            if len(totals) != width:
+                log.warning(
+                    "metering.malformed_counters",
+                    incarnation=inc,
+                    app=_s(raw_app),
+                    value=_s(raw_value),
+                )
                 continue
-            totals = per_app.get(app)
-            if totals is None:
-                totals = per_app[app] = [0] * len(FRONTEND_COUNTERS)
-            totals[i] = int(raw_value)
+            per_app[_s(raw_app)] = totals
         out[inc] = per_app
     return out
 
@@ -98,7 +266,7 @@ def forget_incarnations(store: DatacenterStore, incarnations: list[str]) -> None
         return
     pipe: Any = store.client.pipeline(transaction=True)
     for inc in incarnations:
-        pipe.delete(store.key(f"fe:{inc}:counters"))
+        pipe.delete(store.key(f"fe:{inc}:counters"), store.key(f"fe:{inc}:counter-apps"))
     pipe.zrem(store.key("retired"), *incarnations)
     pipe.zrem(store.key("counter-changes"), *incarnations)
     pipe.execute()
