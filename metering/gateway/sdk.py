@@ -37,14 +37,6 @@ log = get_logger(__name__)
 # it goes through Enum's Python-level __hash__, hence the '== "websocket"' fast path.
 _SUFFIX: Final[dict[str, str]] = {str(t): "|" + c for t, c in TRANSPORT_CODES.items()}
 
-# Cumulative counters per incarnation and app (absolute totals, like connections).
-OPENED = "opened"
-PUBLISHED_COUNT = "pub_n"
-PUBLISHED_BYTES = "pub_b"
-DELIVERED_COUNT = "del_n"
-DELIVERED_BYTES = "del_b"
-REFUSED = "refused"
-
 
 class Meter:
     """Counts one frontend's connections, channels and messages, and reports them."""
@@ -81,7 +73,7 @@ class Meter:
         self._changed = False
         self._sent_conns: dict[str, int] = {}
         self._sent_channels: set[str] = set()
-        self._sent_counters: dict[str, int] = {}
+        self._sent_counters: dict[str, tuple[int, ...]] = {}
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -226,21 +218,20 @@ class Meter:
         self._registered = True
         return status
 
-    def _counters(self) -> dict[str, int]:
-        """Cumulative counters as Redis stores them: '<app>|<name>' -> total."""
-        out: dict[str, int] = {}
+    def _counters(self) -> dict[str, tuple[int, ...]]:
+        """Cumulative counters per app: (opened, refused, pub_n, pub_b, del_n, del_b)."""
+        opened: dict[str, int] = {}
         for field, n in dict(self._opened).items():
-            key = field[:-2] + "|" + OPENED
-            out[key] = out.get(key, 0) + n
-        for app, totals in dict(self._messages).items():
-            pub_n, pub_b, del_n, del_b = list(totals)
-            out[app + "|" + PUBLISHED_COUNT] = pub_n
-            out[app + "|" + PUBLISHED_BYTES] = pub_b
-            out[app + "|" + DELIVERED_COUNT] = del_n
-            out[app + "|" + DELIVERED_BYTES] = del_b
-        for app, n in dict(self._refused).items():
-            out[app + "|" + REFUSED] = n
-        return out
+            app = field[:-2]  # '<app>|<t>'
+            opened[app] = opened.get(app, 0) + n
+        refused = dict(self._refused)
+        # tuple() copies each app's list in one C call: the hot path updates it in place.
+        messages = {app: tuple(totals) for app, totals in dict(self._messages).items()}
+        no_messages = (0, 0, 0, 0)
+        return {
+            app: (opened.get(app, 0), refused.get(app, 0), *messages.get(app, no_messages))
+            for app in opened.keys() | refused.keys() | messages.keys()
+        }
 
     def _flush(self, *, full: bool) -> str:
         with self._lock:
@@ -259,7 +250,7 @@ class Meter:
             channels = [(f, True) for f in channels_now - self._sent_channels]
             channels += [(f, False) for f in self._sent_channels - channels_now]
             sent_ctr = self._sent_counters
-            counters = [(f, n) for f, n in counters_now.items() if sent_ctr.get(f) != n]
+            counters = [(a, t) for a, t in counters_now.items() if sent_ctr.get(a) != t]
         if not full and not conns and not channels and not counters and self._registered:
             status = self.store.flush(
                 self.incarnation,

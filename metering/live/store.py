@@ -41,6 +41,9 @@ TRANSPORT_CODES: dict[Transport, str] = {
 # The figures of a live value, in order: websocket, streaming, long_poll, channels.
 FIGURES = ("w", "s", "l", "c")
 
+# The cumulative counters a frontend reports per app (``FRONTEND_COUNTERS`` of the rollups).
+COUNTERS_PER_APP = 6
+
 FLUSH_OK = "ok"
 FLUSH_REPLACED = "replaced"
 FLUSH_UNKNOWN = "unknown"
@@ -123,6 +126,13 @@ class _ChannelMoves:
     idled: list[str] = field(default_factory=list)
 
 
+def pack_counters(totals: Sequence[int]) -> str:
+    """An app's counters as stored: '<opened> <refused> <pub_n> <pub_b> <del_n> <del_b>'."""
+    if len(totals) != COUNTERS_PER_APP:
+        raise ValueError(f"expected {COUNTERS_PER_APP} counter totals, got {len(totals)}")
+    return " ".join(map(str, totals))
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -161,10 +171,16 @@ class DatacenterStore:
         epoch: str,
         conns: Iterable[tuple[str, int]],
         channels: Iterable[tuple[str, bool]],
-        counters: Iterable[tuple[str, int]],
+        counters: Iterable[tuple[str, Sequence[int]]],
     ) -> str:
+        """Run ``flush.lua``: connection fields and counts, channel presence, and per app the
+        six cumulative counters of this incarnation (``FRONTEND_COUNTERS`` order), absolute."""
         args: list[Any] = [incarnation, "1" if full else "0", _ms(timeout), epoch]
-        for pairs in (conns, ((f, "1" if p else "0") for f, p in channels), counters):
+        for pairs in (
+            conns,
+            ((f, "1" if p else "0") for f, p in channels),
+            ((app, pack_counters(totals)) for app, totals in counters),
+        ):
             flat = [x for pair in pairs for x in pair]
             args.append(len(flat) // 2)
             args.extend(flat)

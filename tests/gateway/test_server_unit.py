@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from metering.accounts.store import RegistryStore
 from metering.gateway.registry import AppRegistry, valid_app_id
 from metering.live.store import DatacenterStore
+from metering.rollups.models import FRONTEND_COUNTERS
 from tests.scratch import REDIS_URL, delete_keys
 
 APP, OTHER_APP = "1", "2"
@@ -78,9 +79,15 @@ class Gateway:
         return conns[0], present
 
     def counters(self) -> dict[str, int]:
+        """The incarnation's non-zero counters, as '<app>|<name>' -> total."""
         inc = self.health()["incarnation"]
         raw = self.store.client.hgetall(self.store.key(f"fe:{inc}:counters"))
-        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        return {
+            f"{app.decode()}|{name}": int(total)
+            for app, packed in raw.items()
+            for name, total in zip(FRONTEND_COUNTERS, packed.split(), strict=True)
+            if int(total)
+        }
 
 
 @pytest.fixture

@@ -316,13 +316,13 @@ def test_message_and_open_counters_are_cumulative_per_incarnation(stores) -> Non
     fe.flush()
     fe.message_published("1", "c", 5)
     fe.flush()
+    fe.connection_refused("2")
+    fe.flush()
+    # One field per app: opened, refused, pub_n, pub_b, del_n, del_b, all absolute.
     stored = dc.client.hgetall(dc.key(f"fe:{fe.incarnation}:counters"))
-    assert {k.decode(): int(v) for k, v in stored.items()} == {
-        "1|opened": 2,
-        "1|pub_n": 2,
-        "1|pub_b": 15,
-        "1|del_n": 3,
-        "1|del_b": 30,
+    assert {k.decode(): v.decode() for k, v in stored.items()} == {
+        "1": "2 0 2 15 3 30",
+        "2": "0 1 0 0 0 0",
     }
 
 

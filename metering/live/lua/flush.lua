@@ -1,7 +1,8 @@
 -- A frontend incarnation writes its absolute counts (only the fields that changed, or all of
 -- them when full = '1') and proves it is alive.
 -- ARGV: incarnation, full, timeout_ms, epoch, n, n × (field, count) connections,
---       n, n × (field, 0|1) channel presence, n, n × (field, total) cumulative counters.
+--       n, n × (field, 0|1) channel presence,
+--       n, n × (app, '<opened> <refused> <pub_n> <pub_b> <del_n> <del_b>') cumulative counters.
 -- Returns 'ok', 'replaced' (took over its id from a dead incarnation), 'unknown' (not
 -- registered: send everything again with full = '1'), or 'superseded' (a newer process
 -- registered under the same id; this one no longer counts).
@@ -92,12 +93,24 @@ end
 
 n = tonumber(ARGV[i]); i = i + 1
 if n > 0 then
+  -- The packed totals go into the hash as they are; each app sent is logged with this flush's
+  -- sequence, so the aggregator reads only the apps that changed after its cursor.
+  local s = next_seq()
+  local zargs = {}
   local j = 0
   while j < n do
     local last = math.min(j + 500, n)
-    redis.call('HSET', fe .. ':counters', unpack(ARGV, i + 2 * j, i + 2 * last - 1))
+    local first, stop = i + 2 * j, i + 2 * last - 1
+    redis.call('HSET', fe .. ':counters', unpack(ARGV, first, stop))
+    local m = 0
+    for k = first, stop, 2 do
+      zargs[m + 1] = s
+      zargs[m + 2] = ARGV[k]
+      m = m + 2
+    end
+    redis.call('ZADD', fe .. ':counter-apps', unpack(zargs, 1, m))
     j = last
   end
-  redis.call('ZADD', base .. ':counter-changes', next_seq(), inc)
+  redis.call('ZADD', base .. ':counter-changes', s, inc)
 end
 return status

@@ -1,0 +1,171 @@
+"""What the aggregator reads of the frontends' counters, against the real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from metering.gateway.sdk import Meter
+from metering.live.store import DatacenterStore
+from metering.rollups import source
+from metering.rollups.models import FRONTEND_COUNTERS
+from tests.scratch import REDIS_URL, delete_keys
+
+
+@pytest.fixture
+def dc() -> Iterator[DatacenterStore]:
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    yield DatacenterStore(client, prefix, "dc1")
+    delete_keys(client, prefix)
+    client.close()
+
+
+def flush(dc: DatacenterStore, inc: str, counters: dict[str, tuple[int, ...]]) -> int:
+    """Flush ``counters`` (app -> six totals) as ``inc``; the sequence the flush took."""
+    status = dc.flush(
+        inc, full=True, timeout=60, epoch="e", conns=[], channels=[], counters=counters.items()
+    )
+    assert status in ("ok", "replaced")
+    return int(dc.client.get(dc.key("seq")))  # type: ignore[arg-type]
+
+
+def as_dict(read: tuple[Any, Any]) -> dict[int, tuple[int, ...]]:
+    ids, totals = read
+    assert ids.dtype == np.int64
+    assert totals.dtype == np.int64
+    assert ids.shape == (len(ids),)
+    assert totals.shape == (len(ids), len(FRONTEND_COUNTERS))
+    return {int(a): tuple(int(x) for x in row) for a, row in zip(ids, totals, strict=True)}
+
+
+def test_only_the_apps_changed_after_the_sequence_are_read_with_their_absolute_totals(
+    dc: DatacenterStore,
+) -> None:
+    meter = Meter(dc, "fe-a")
+    meter.connection_opened("1")
+    meter.connection_opened("1", "streaming")
+    meter.message_published("1", "c", 10)
+    meter.message_delivered("1", "c", 10, count=3)
+    meter.connection_refused("2")
+    meter.message_published("3", "c", 7)
+    assert meter.flush() == "ok"
+    inc = meter.incarnation
+    first = source.counter_changes(dc, 0).seq
+
+    meter.message_published("1", "c", 5)
+    meter.connection_refused("2")  # app 3 does not change
+    assert meter.flush() == "ok"
+    assert meter.flush() == "ok"  # a heartbeat sends no counters and logs no change
+    second = source.counter_changes(dc, 0).seq
+    assert second > first
+
+    assert as_dict(source.changed_counters(dc, [inc], first)[inc]) == {
+        1: (2, 0, 2, 15, 3, 30),
+        2: (0, 2, 0, 0, 0, 0),
+    }
+    assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {
+        1: (2, 0, 2, 15, 3, 30),
+        2: (0, 2, 0, 0, 0, 0),
+        3: (0, 0, 1, 7, 0, 0),
+    }
+    assert as_dict(source.changed_counters(dc, [inc], second)[inc]) == {}
+    # The old reader sees the same totals.
+    assert source.counters(dc, [inc]) == {
+        inc: {"1": [2, 0, 2, 15, 3, 30], "2": [0, 2, 0, 0, 0, 0], "3": [0, 0, 1, 7, 0, 0]}
+    }
+
+
+def test_a_repeated_flush_never_adds_anything(dc: DatacenterStore) -> None:
+    totals = {"7": (1, 2, 3, 4, 5, 6)}
+    first = flush(dc, "fe-a#1", totals)
+    again = flush(dc, "fe-a#1", totals)  # a retried write: the same absolute totals
+    assert again > first
+    assert as_dict(source.changed_counters(dc, ["fe-a#1"], first)["fe-a#1"]) == {
+        7: (1, 2, 3, 4, 5, 6)
+    }
+
+
+def test_every_app_of_a_large_flush_is_logged_with_the_flushs_sequence(
+    dc: DatacenterStore,
+) -> None:
+    # More apps than one HSET / ZADD chunk of flush.lua (500) takes.
+    totals = {str(a): (a, 0, 2 * a, 3 * a, 4 * a, 10**12 + a) for a in range(1, 1235)}
+    seq = flush(dc, "fe-a#1", totals)
+    logged = dc.client.zrange(dc.key("fe:fe-a#1:counter-apps"), 0, -1, withscores=True)
+    assert len(logged) == 1234
+    assert {score for _, score in logged} == {seq}
+    read = as_dict(source.changed_counters(dc, ["fe-a#1"], 0)["fe-a#1"])
+    assert read == {int(a): t for a, t in totals.items()}
+    assert as_dict(source.changed_counters(dc, ["fe-a#1"], seq)["fe-a#1"]) == {}
+
+
+def test_several_incarnations_in_two_round_trips(
+    dc: DatacenterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flush(dc, "fe-a#1", {"1": (1, 0, 0, 0, 0, 0)})
+    flush(dc, "fe-b#1", {"1": (2, 0, 0, 0, 0, 0), "2": (3, 0, 0, 0, 0, 0)})
+    pipelines: list[Any] = []
+    real = dc.client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(real(*args, **kwargs))
+        return pipelines[-1]
+
+    monkeypatch.setattr(dc.client, "pipeline", counted)
+    read = source.changed_counters(dc, ["fe-a#1", "fe-b#1", "fe-never#1"], 0)
+    assert len(pipelines) == 2
+    assert {inc: as_dict(r) for inc, r in read.items()} == {
+        "fe-a#1": {1: (1, 0, 0, 0, 0, 0)},
+        "fe-b#1": {1: (2, 0, 0, 0, 0, 0), 2: (3, 0, 0, 0, 0, 0)},
+        "fe-never#1": {},
+    }
+    assert source.changed_counters(dc, [], 0) == {}
+
+
+def test_values_that_are_gone_or_unreadable_are_skipped(dc: DatacenterStore) -> None:
+    flush(dc, "fe-a#1", {"1": (1, 1, 1, 1, 1, 1), "2": (2, 2, 2, 2, 2, 2)})
+    flush(dc, "fe-b#1", {"5": (5, 5, 5, 5, 5, 5)})
+    flush(dc, "fe-c#1", {"8": (8, 0, 0, 0, 0, 0), "9": (9, 0, 0, 0, 0, 0)})
+    dc.client.hdel(dc.key("fe:fe-a#1:counters"), "1")
+    dc.client.delete(dc.key("fe:fe-b#1:counters"))  # the hash deleted, the log still there
+    # A gateway's bug: a value that is not six integers costs that app only.
+    dc.client.hset(dc.key("fe:fe-c#1:counters"), "8", "8 0 0 0 0")
+    read = source.changed_counters(dc, ["fe-a#1", "fe-b#1", "fe-c#1"], 0)
+    assert {inc: as_dict(r) for inc, r in read.items()} == {
+        "fe-a#1": {2: (2, 2, 2, 2, 2, 2)},
+        "fe-b#1": {},
+        "fe-c#1": {9: (9, 0, 0, 0, 0, 0)},
+    }
+    assert source.counters(dc, ["fe-c#1"]) == {"fe-c#1": {"9": [9, 0, 0, 0, 0, 0]}}
+
+
+def test_forgetting_an_incarnation_removes_its_counters_and_their_log(
+    dc: DatacenterStore,
+) -> None:
+    meter = Meter(dc, "fe-a")
+    meter.message_published("1", "c", 3)
+    assert meter.flush() == "ok"
+    assert dc.deregister(meter.incarnation)  # reaped: its counters stay for the aggregator
+    inc = meter.incarnation
+    keys = [dc.key(f"fe:{inc}:counters"), dc.key(f"fe:{inc}:counter-apps")]
+    assert dc.client.exists(*keys) == 2
+    changes = source.counter_changes(dc, 0)
+    assert (changes.incarnations, changes.retired) == ([inc], {inc})
+    assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {1: (0, 0, 1, 3, 0, 0)}
+
+    source.forget_incarnations(dc, [inc])
+    assert dc.client.exists(*keys) == 0
+    changes = source.counter_changes(dc, 0)
+    assert (changes.incarnations, changes.retired) == ([], set())
+    assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {}
+
+
+def test_a_flush_without_six_totals_is_refused_before_redis(dc: DatacenterStore) -> None:
+    with pytest.raises(ValueError, match="6 counter totals"):
+        flush(dc, "fe-a#1", {"1": (1, 2, 3)})
