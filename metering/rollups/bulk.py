@@ -1,10 +1,11 @@
-"""Bulk upserts: COPY into a staging table and one merge on Postgres; executemany on SQLite.
+"""Bulk upserts: COPY into a staging table and one merge on Postgres; executemany otherwise.
 
-Measured in ``bench/aggregate.py``: a COPY plus one ``INSERT ... SELECT ... ON CONFLICT DO
-UPDATE`` beats multi-row VALUES and ``unnest`` arrays on Postgres, because the rows cross the
-wire once in the cheapest format and the merge runs in one statement. Integer matrices (the
-rollups' states and rows) travel in COPY's binary format, built by NumPy in one piece: no
-Python per value, and nothing for the server to parse.
+Measured in ``bench/aggregate.py``: for the many rows of a cycle (states and rollup rows,
+integer matrices), a COPY plus one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` beats
+multi-row VALUES and ``unnest`` arrays on Postgres, because the rows cross the wire once and
+the merge runs in one statement. They travel in COPY's binary format, built by NumPy in one
+piece: no Python per value, and nothing for the server to parse. The few other rows (gaps,
+counter marks) go by ``executemany``; SQLite takes everything that way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import BigInteger, Connection, Integer, SmallInteger, Table, text
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    SmallInteger,
+    Table,
+    text,
+)
 
 from metering.core.database import Base
 
@@ -153,32 +161,18 @@ def upsert(
 ) -> int:
     """Insert ``rows`` (tuples in ``columns`` order); on a key conflict set ``merge``.
 
+    For a few rows (gaps, counter marks), in one ``executemany``: a staging table would cost
+    more than it saves, above all for a mark of megabytes, which it would store twice.
+
     ``merge`` maps a column to an SQL expression in which ``excluded.col`` is the new value,
     ``{t}.col`` the stored one, and ``{greatest}`` / ``{least}`` the dialect's functions.
     """
     if not rows:
         return 0
-    dialect = conn.dialect.name
     cols = ", ".join(columns)
     on_conflict = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET " + _merge_sql(
-        dialect, table, merge
+        conn.dialect.name, table, merge
     )
-    if dialect == "postgresql":
-        stage = _stage(conn, table)
-        raw: Any = conn.connection.driver_connection
-        with raw.cursor() as cur:
-            cur.execute(f"TRUNCATE {stage}")
-            with cur.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
-                buf: list[str] = []
-                for row in rows:
-                    buf.append("\t".join(["\\N" if v is None else str(v) for v in row]))
-                    if len(buf) >= 5000:
-                        copy.write("\n".join(buf) + "\n")
-                        buf.clear()
-                if buf:
-                    copy.write("\n".join(buf) + "\n")
-            cur.execute(_merge_from(dialect, table, stage, columns, keys, merge))
-        return len(rows)
     params = ", ".join(f":{c}" for c in columns)
     stmt = text(f"INSERT INTO {table} ({cols}) VALUES ({params}) {on_conflict}")  # noqa: S608
     conn.execute(stmt, [dict(zip(columns, row, strict=True)) for row in rows])

@@ -297,9 +297,15 @@ class Folder:
         s[idx, S_CONNS] = conns
         s[idx, S_WS] = ws
         s[idx, S_CH] = channels
-        for u in range(len(UNITS)):
-            self._include(u, idx, conns, ws, channels, second)
         book.dirty_state[idx] = True
+        # A coarser row's extremes contain its finer rows' (the hour's range holds the minute's):
+        # a value that moves no minute extreme moves no hour, day or month one either.
+        for u in range(len(UNITS)):
+            moved = self._include(u, idx, conns, ws, channels, second)
+            if not moved.any():
+                break
+            if not moved.all():
+                idx, conns, ws, channels = idx[moved], conns[moved], ws[moved], channels[moved]
 
     def count(self, second: int, code: Ints, deltas: Ints) -> None:
         """Add counter ``deltas`` (one row per distinct code, ``COUNTERS`` order) at ``second``."""
@@ -348,8 +354,8 @@ class Folder:
 
     def _include(  # noqa: PLR0917 (internal, called with the columns in order)
         self, u: int, idx: Ints, conns: Ints, ws: Ints, channels: Ints, at: int
-    ) -> None:
-        """Take values held at the counted second ``at`` into the rows' extremes."""
+    ) -> Mask:
+        """Take values held at the counted second ``at`` into the rows' extremes; which moved."""
         rows = self.book.rows[u]
         old = rows[idx, R_EXTREMES]
         fresh = old[:, 0] < 0  # no counted second yet: the value is every extreme
@@ -361,8 +367,9 @@ class Folder:
         new[:, 3] = np.where(fresh, ws, np.maximum(old[:, 3], ws))
         new[:, 4] = np.where(fresh, channels, np.maximum(old[:, 4], channels))
         new[:, 5] = np.where(fresh, channels, np.minimum(old[:, 5], channels))
-        moved = (new != old).any(axis=1)
+        moved: Mask = (new != old).any(axis=1)
         if moved.any():
             im = idx[moved]
             rows[im, R_EXTREMES] = new[moved]
             self.book.dirty_rows[u, im] = True
+        return moved

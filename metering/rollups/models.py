@@ -24,7 +24,16 @@ The design writes only what changed (see ``docs/rollups.md``):
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Index, Integer, SmallInteger, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from metering.core.database import Base
@@ -123,8 +132,9 @@ class UsageMark(Base):
 
     datacenter: Mapped[str] = mapped_column(String(100), primary_key=True)
     incarnation: Mapped[str] = mapped_column(String(200), primary_key=True)
-    # JSON: app id -> the FRONTEND_COUNTERS totals already applied, in that order.
-    totals: Mapped[str] = mapped_column(Text)
+    # The totals already applied (``metering.rollups.marks``): per app, sorted by app, its id
+    # and its FRONTEND_COUNTERS totals, as little-endian int64.
+    packed: Mapped[bytes] = mapped_column(LargeBinary)
     # The incarnation was reaped and its final totals applied: its Redis counters can go.
     retired: Mapped[bool] = mapped_column(Boolean, default=False)
     # When the marks last changed (seconds), for the retention task.

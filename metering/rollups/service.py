@@ -45,6 +45,7 @@ from metering.rollups.fold import (
     codes,
     split,
 )
+from metering.rollups.marks import Marks
 from metering.rollups.models import (
     COUNTERS,
     FRONTEND_COUNTERS,
@@ -97,7 +98,7 @@ class _Loaded:
     cycle: int
     book: Book
     coverage: Coverage
-    marks: dict[tuple[str, str], dict[str, list[int]]]
+    marks: dict[tuple[str, str], Marks]
     retired: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -310,27 +311,39 @@ class Aggregator:
         second: int,
     ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
         """Apply each incarnation's counter totals beyond its marks, at ``second``."""
-        deltas: dict[str, list[int]] = {}
+        moved_apps: list[Ints] = []
+        deltas: list[Ints] = []  # FRONTEND_COUNTERS order
         dirty: set[tuple[str, str]] = set()
         retiring: list[tuple[str, list[str]]] = []
         for dc, store in self.datacenters.items():
-            epoch, after = (cursors.get(dc) or [None, 0])[:2]
-            changes = source.counter_changes(store, int(after) if isinstance(after, int) else 0)
+            epoch, seq = (cursors.get(dc) or [None, 0])[:2]
+            after = int(seq) if isinstance(seq, int) else 0
+            changes = source.counter_changes(store, after)
             if changes.epoch is None:
                 continue
             if changes.epoch != epoch:  # a new Redis: its sequence started over, read it all
                 changes = source.counter_changes(store, 0)
-            for inc, per_app in source.counters(store, changes.incarnations).items():
-                if _beyond_marks(per_app, loaded.marks.setdefault((dc, inc), {}), deltas):
+                after = 0
+            read = source.changed_counters(store, changes.incarnations, after)
+            for inc, (apps, totals) in read.items():
+                beyond = loaded.marks.setdefault((dc, inc), Marks()).apply(apps, totals)
+                moved = beyond.any(axis=1)
+                if moved.any():
                     dirty.add((dc, inc))
+                    moved_apps.append(apps[moved])
+                    deltas.append(beyond[moved])
             gone = _retirements(dc, changes, loaded, dirty)
             if gone:
                 retiring.append((dc, gone))
             cursors[dc] = [changes.epoch, changes.seq]
-        if deltas:
-            apps = np.array([int(a) for a in deltas], dtype=np.int64)
-            self._count(conn, folder, second, apps, np.array(list(deltas.values()), dtype=np.int64))
-        return len(deltas), dirty, retiring
+        if not deltas:
+            return 0, dirty, retiring
+        # The same app on several incarnations: one sum per app.
+        apps, which = np.unique(np.concatenate(moved_apps), return_inverse=True)
+        sums = np.zeros((len(apps), N_COUNTERS), dtype=np.int64)
+        np.add.at(sums, (which[:, None], np.array(_FROM_FRONTEND)), np.concatenate(deltas))
+        self._count(conn, folder, second, apps, sums)
+        return len(apps), dirty, retiring
 
     def _owners_of(self, apps: Ints, conn: Connection) -> Ints:
         """Each app's account, -1 for an app Postgres does not know (asked again later)."""
@@ -385,10 +398,10 @@ class Aggregator:
             book.rows[i, book.find(codes(rows[:, 0], rows[:, 1]))] = rows[:, 3:]
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
-        marks: dict[tuple[str, str], dict[str, list[int]]] = {}
+        marks: dict[tuple[str, str], Marks] = {}
         retired: set[tuple[str, str]] = set()
         for m in conn.execute(select(UsageMark.__table__)).all():
-            marks[(m.datacenter, m.incarnation)] = json.loads(m.totals)
+            marks[(m.datacenter, m.incarnation)] = Marks.unpack(m.packed)
             if m.retired:
                 retired.add((m.datacenter, m.incarnation))
         self._loaded = _Loaded(cursor.cycle, book, coverage, marks, retired)
@@ -428,13 +441,13 @@ class Aggregator:
             (
                 dc,
                 inc,
-                json.dumps(loaded.marks.get((dc, inc), {})),
+                loaded.marks.get((dc, inc), Marks()).pack(),
                 (dc, inc) in loaded.retired,
                 second,
             )
             for dc, inc in sorted(dirty)
         ]
-        columns = ("datacenter", "incarnation", "totals", "retired", "updated")
+        columns = ("datacenter", "incarnation", "packed", "retired", "updated")
         bulk.upsert(
             conn, "usage_marks", columns=columns, keys=columns[:2], rows=rows,
             merge={c: f"excluded.{c}" for c in columns[2:]},
@@ -469,29 +482,6 @@ def _retirements(
             loaded.retired.discard((dc, inc))
             dirty.add((dc, inc))
     return gone
-
-
-def _beyond_marks(
-    totals: dict[str, list[int]], marks: dict[str, list[int]], deltas: dict[str, list[int]]
-) -> bool:
-    """Add to ``deltas`` what ``totals`` hold beyond ``marks``, and move the marks up to them.
-
-    A total below its mark (never, for a cumulative counter) applies nothing.
-    """
-    moved = False
-    for app, now in totals.items():
-        mark = marks.get(app)
-        if mark is None:
-            mark = marks[app] = [0] * len(FRONTEND_COUNTERS)
-        for i, total in enumerate(now):
-            if total > mark[i]:
-                d = deltas.get(app)
-                if d is None:
-                    d = deltas[app] = [0] * len(COUNTERS)
-                d[_FROM_FRONTEND[i]] += total - mark[i]
-                mark[i] = total
-                moved = True
-    return moved
 
 
 __all__ = ["UNITS", "Aggregator", "CycleResult"]

@@ -230,36 +230,6 @@ def _parse_counters(
     return ids.reshape(-1), totals
 
 
-def counters(store: DatacenterStore, incarnations: list[str]) -> dict[str, dict[str, list[int]]]:
-    """Each incarnation's cumulative counters: app -> totals in ``FRONTEND_COUNTERS`` order.
-
-    Reads every field of every hash: ``changed_counters`` reads only what changed.
-    """
-    pipe = store.client.pipeline(transaction=False)
-    for inc in incarnations:
-        pipe.hgetall(store.key(f"fe:{inc}:counters"))
-    width = len(FRONTEND_COUNTERS)
-    out: dict[str, dict[str, list[int]]] = {}
-    for inc, fields in zip(incarnations, pipe.execute(), strict=True):
-        per_app: dict[str, list[int]] = {}
-        for raw_app, raw_value in fields.items():
-            try:
-                totals = [int(x) for x in raw_value.split()]
-            except ValueError:
-                totals = []
-            if len(totals) != width:
-                log.warning(
-                    "metering.malformed_counters",
-                    incarnation=inc,
-                    app=_s(raw_app),
-                    value=_s(raw_value),
-                )
-                continue
-            per_app[_s(raw_app)] = totals
-        out[inc] = per_app
-    return out
-
-
 def forget_incarnations(store: DatacenterStore, incarnations: list[str]) -> None:
     """Delete reaped incarnations' counters once their final totals are in Postgres."""
     if not incarnations:

@@ -75,10 +75,6 @@ def test_only_the_apps_changed_after_the_sequence_are_read_with_their_absolute_t
         3: (0, 0, 1, 7, 0, 0),
     }
     assert as_dict(source.changed_counters(dc, [inc], second)[inc]) == {}
-    # The old reader sees the same totals.
-    assert source.counters(dc, [inc]) == {
-        inc: {"1": [2, 0, 2, 15, 3, 30], "2": [0, 2, 0, 0, 0, 0], "3": [0, 0, 1, 7, 0, 0]}
-    }
 
 
 def test_a_repeated_flush_never_adds_anything(dc: DatacenterStore) -> None:
@@ -142,7 +138,6 @@ def test_values_that_are_gone_or_unreadable_are_skipped(dc: DatacenterStore) -> 
         "fe-b#1": {},
         "fe-c#1": {9: (9, 0, 0, 0, 0, 0)},
     }
-    assert source.counters(dc, ["fe-c#1"]) == {"fe-c#1": {"9": [9, 0, 0, 0, 0, 0]}}
 
 
 def test_forgetting_an_incarnation_removes_its_counters_and_their_log(
