@@ -254,8 +254,9 @@ class Book:
 class Folder:
     """Applies one cycle's events, in time order, to a ``Book``.
 
-    Rows a cycle closed (a period ended while the cycle ran) are kept in ``closed`` as they
-    were when closed; the book then holds the entity's new row.
+    Rows a cycle closed (a period ended for the entity: its first event in a later one) are kept
+    in ``closed`` as they were when closed, every minute row and the other rows the cycle had
+    changed; the book then holds the entity's new row.
     """
 
     def __init__(self, book: Book, coverage: Coverage) -> None:
@@ -326,7 +327,9 @@ class Folder:
             if not rolling.any():
                 continue
             ir = idx[rolling]
-            done = ir[book.dirty_rows[u, ir]]  # rows this cycle wrote to, now closed
+            # The rows this closes: all minute rows (they were only ever in the state) and
+            # the other units' rows this cycle wrote to (the others are in Postgres as they are).
+            done = ir[rows[ir, R_START] >= 0] if u == 0 else ir[book.dirty_rows[u, ir]]
             if done.size:
                 self.closed.append((u, book.codes[done].copy(), rows[done].copy()))
             n = cov.covered_since(s[ir, S_SINCE], start)

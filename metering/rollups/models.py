@@ -11,8 +11,9 @@ The design writes only what changed (see ``docs/rollups.md``):
 - ``usage_rollups`` holds one row per period in which something happened to the entity: the
   values carried in at the period's start (``*0``), the running totals at its start, and the
   extremes. A period's sums are the difference of the running totals at its two ends, so a
-  busy app writes its state row each cycle and its period rows only when a period starts or
-  a peak or min moves.
+  busy app writes its state row each cycle, its hour, day and month rows only when a period
+  starts or a peak or min moves, and its minute row once, when the minute is over: the
+  latest minute row is part of the state row until then.
 - ``usage_cursor`` is the aggregator's watermark: the last sample second folded, the cycle
   number, and each datacenter's counter cursor. It is written in the transaction that writes
   the rollups, so a cycle counts everything once or not at all.
@@ -92,6 +93,27 @@ class UsageState(Base):
     hour: Mapped[int | None] = mapped_column(BigInteger)
     day: Mapped[int | None] = mapped_column(BigInteger)
     month: Mapped[int | None] = mapped_column(BigInteger)
+    # The latest minute row itself, the one starting at ``minute`` (``UsageRollup``'s columns
+    # from ``conns0`` on): it changes nearly every cycle, so it lives here, written with the
+    # state, and moves to ``usage_rollups`` once a later minute begins for the entity.
+    minute_conns0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_ws0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_channels0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_area0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_ch_area0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_opened0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_refused0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_ch_opened0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_pub_n0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_pub_b0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_del_n0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_del_b0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_peak: Mapped[int | None] = mapped_column(BigInteger)
+    minute_peak_at: Mapped[int | None] = mapped_column(BigInteger)
+    minute_min: Mapped[int | None] = mapped_column(BigInteger)
+    minute_ws_peak: Mapped[int | None] = mapped_column(BigInteger)
+    minute_ch_peak: Mapped[int | None] = mapped_column(BigInteger)
+    minute_ch_min: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class UsageRollup(Base):

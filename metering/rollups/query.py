@@ -23,6 +23,12 @@ from metering.rollups.models import COUNTERS, UsageCursor, UsageGap, UsageRollup
 from metering.rollups.periods import Unit, interval_id
 
 MAX_LIMIT = 1000
+# usage_rollups' columns after its key, as usage_state holds them for the latest minute row.
+_ROW_FIGURES = tuple(
+    c.name
+    for c in UsageRollup.__table__.columns
+    if c.name not in {"scope", "entity_id", "unit", "period_start"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +86,13 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         return []
     t = UsageRollup.__table__
     where = (t.c.scope == query.scope) & (t.c.entity_id == query.entity_id) & (t.c.unit == code)
-    rows = list(
+    rows: list[Any] = list(
         conn.execute(
             select(t).where(where & (t.c.period_start >= lo) & (t.c.period_start < hi))
             .order_by(t.c.period_start)
         ).mappings()
     )  # fmt: skip
-    nxt = (
+    nxt: Any = (
         conn.execute(
             select(t).where(where & (t.c.period_start >= hi)).order_by(t.c.period_start).limit(1)
         )
@@ -102,6 +108,13 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         .mappings()
         .first()
     )
+    latest = _minute_row(state) if unit is Unit.MINUTE else None
+    if latest is not None:  # the entity's latest minute row is part of its state
+        start = latest["period_start"]
+        if lo <= start < hi:
+            rows = [r for r in rows if r["period_start"] < start] + [latest]
+        elif start >= hi and (nxt is None or start < nxt["period_start"]):
+            nxt = latest
     now = _now_point(state, cov)
     out: list[dict[str, Any]] = []
     walk = _walk(unit, lo, hi, rows, nxt, state, now, cov, backwards=query.backwards)
@@ -110,6 +123,15 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         if len(out) >= query.limit:
             break
     return out
+
+
+def _minute_row(state: Any) -> dict[str, Any] | None:
+    """The latest minute row held in the state row, shaped like a ``usage_rollups`` row."""
+    if state is None or state["minute"] is None or state["minute_peak"] is None:
+        return None
+    row = {c: state[f"minute_{c}"] for c in _ROW_FIGURES}
+    row["period_start"] = state["minute"]
+    return row
 
 
 def _start_point(row: Any) -> _Point:

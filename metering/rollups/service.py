@@ -57,14 +57,16 @@ from metering.rollups.models import (
 log = get_logger(__name__)
 
 UNIT_COLUMNS = tuple(u.value for u in UNITS)  # usage_state's column per unit
-STATE_COLUMNS = (
-    "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area",
-    *COUNTERS, *UNIT_COLUMNS,
-)  # fmt: skip
 ROW_COLUMNS = (
     "scope", "entity_id", "unit", "period_start", "conns0", "ws0", "channels0", "area0",
     "ch_area0", *(f"{c}0" for c in COUNTERS),
     "peak", "peak_at", "min", "ws_peak", "ch_peak", "ch_min",
+)  # fmt: skip
+# usage_state: the state, the latest row's start per unit, then the latest minute row itself.
+MINUTE_COLUMNS = tuple(f"minute_{c}" for c in ROW_COLUMNS[4:])
+STATE_COLUMNS = (
+    "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area",
+    *COUNTERS, *UNIT_COLUMNS, *MINUTE_COLUMNS,
 )  # fmt: skip
 _STATE_MERGE = {c: f"excluded.{c}" for c in STATE_COLUMNS[2:]}
 _ROW_MERGE = {
@@ -200,7 +202,8 @@ class Aggregator:
             if not folder.dirty and not dirty_marks and counted_upto == watermark:
                 return CycleResult(committed=False, second=watermark, reason="nothing new"), []
 
-            states_written, rows_written = self._write(conn, folder)
+            horizons = {int(k): int(v) for k, v in json.loads(cursor.horizons or "{}").items()}
+            states_written, rows_written = self._write(conn, folder, horizons)
             new_gaps = loaded.coverage.gaps()[gaps_before:]
             if new_gaps:
                 bulk.upsert(
@@ -377,16 +380,19 @@ class Aggregator:
         if loaded is not None and loaded.cycle == cursor.cycle:
             return loaded
         book = Book()
-        unit_starts = ", ".join(f"COALESCE({u}, -1) AS {u}" for u in UNIT_COLUMNS)
-        states = bulk.select_array(
-            conn,
-            f"SELECT {', '.join(STATE_COLUMNS[: -len(UNITS)])}, {unit_starts} FROM usage_state",  # noqa: S608
-            "usage_state",
-            STATE_COLUMNS,
-        )
+        # NULL: no such row (a minute row whose columns are NULL does not exist either).
+        starts = [f"COALESCE({u}, -1)" for u in UNIT_COLUMNS]
+        starts[0] = "CASE WHEN minute_peak IS NULL THEN -1 ELSE minute END"
+        minute = [f"COALESCE({c}, {-1 if c == 'minute_peak' else 0})" for c in MINUTE_COLUMNS]
+        first = len(STATE_COLUMNS) - len(UNIT_COLUMNS) - len(MINUTE_COLUMNS)
+        columns = [*STATE_COLUMNS[:first], *starts, *minute]
+        sql = f"SELECT {', '.join(columns)} FROM usage_state"  # noqa: S608 (our own names)
+        states = bulk.select_array(conn, sql, "usage_state", STATE_COLUMNS)
         idx = book.add(codes(states[:, 0], states[:, 1]), 0)
-        book.state[idx] = states[:, 2 : -len(UNITS)]
-        for i, unit_column in enumerate(UNIT_COLUMNS):
+        book.state[idx] = states[:, 2:first]
+        book.rows[0, idx, R_START] = states[:, first]
+        book.rows[0, idx, R_START + 1 :] = states[:, first + len(UNIT_COLUMNS) :]
+        for i, unit_column in enumerate(UNIT_COLUMNS[1:], start=1):
             rows = bulk.select_array(
                 conn,
                 f"SELECT {', '.join('r.' + c for c in ROW_COLUMNS)} FROM usage_rollups r "  # noqa: S608
@@ -407,15 +413,21 @@ class Aggregator:
         self._loaded = _Loaded(cursor.cycle, book, coverage, marks, retired)
         return self._loaded
 
-    def _write(self, conn: Connection, folder: Folder) -> tuple[int, int]:
+    def _write(
+        self, conn: Connection, folder: Folder, horizons: Mapping[int, int]
+    ) -> tuple[int, int]:
+        """The changed states (with their latest minute rows), the changed hour, day and month
+        rows, and the rows that closed (minute rows move to ``usage_rollups`` then); a closed
+        row older than its unit's retention horizon is dropped, not written back."""
         book = folder.book
         idx = np.nonzero(book.dirty_state[: book.size])[0]
         starts = book.rows[:, idx, R_START].T
         assert (starts >= 0).all(), "a dirty entity has a row per unit"
-        state_rows = np.column_stack([*split(book.codes[idx]), book.state[idx], starts])
+        minute = book.rows[0, idx, R_START + 1 :]
+        state_rows = np.column_stack([*split(book.codes[idx]), book.state[idx], starts, minute])
         parts = [
             (u, book.codes[iu], book.rows[u, iu])
-            for u in range(len(UNITS))
+            for u in range(1, len(UNITS))
             for iu in [np.nonzero(book.dirty_rows[u, : book.size])[0]]
         ]
         blocks = [
@@ -424,6 +436,9 @@ class Aggregator:
             if len(code)
         ]
         rows = np.concatenate(blocks) if blocks else np.zeros((0, len(ROW_COLUMNS)), np.int64)
+        if horizons and len(rows):
+            horizon = np.array([horizons.get(u + 1, 0) for u in range(len(UNITS))], np.int64)
+            rows = rows[rows[:, 3] >= horizon[rows[:, 2] - 1]]
         bulk.upsert_array(
             conn, "usage_state", columns=STATE_COLUMNS, keys=("scope", "entity_id"),
             rows=state_rows, merge=_STATE_MERGE,

@@ -78,7 +78,10 @@ def test_a_minute_opened_by_messages_alone_carries_the_connections_held() -> Non
     deltas[0, COUNTERS.index("pub_n")] = 5
     second.count(T, ONE, deltas)
 
-    assert not second.closed  # the minute before was written by the first cycle
+    # The minute before moves to usage_rollups now (it was only ever in the state row); the
+    # hour goes on.
+    [(unit, _code, closed)] = second.closed
+    assert (unit, closed[0][R_START], closed[0][R_PEAK]) == (MINUTE, T - 60, 4)
     row = book.rows[MINUTE, 0]
     assert row[R_START] == T
     assert (row[R_PEAK], row[R_PEAK_AT], row[R_MIN]) == (4, T, 4)  # held at T, not absent

@@ -1,5 +1,6 @@
-"""Counter marks: only what a total holds beyond its mark is applied, and the stored form
-survives the migration from JSON both ways."""
+"""How the aggregator stores what it knows: counter marks apply only what a total holds
+beyond them, and the migrations to the packed marks and to the minute row held in the state
+carry the data both ways."""
 
 from __future__ import annotations
 
@@ -62,5 +63,53 @@ def test_migration_0004_packs_json_marks_and_unpacks_them_back() -> None:
             with engine.connect() as conn:
                 back = conn.execute(text("SELECT totals FROM usage_marks")).scalar_one()
             assert json.loads(back) == totals
+        finally:
+            engine.dispose()
+
+
+def test_migration_0005_moves_each_latest_minute_row_into_the_state_and_back() -> None:
+    figures = (
+        "conns0, ws0, channels0, area0, ch_area0, opened0, refused0, ch_opened0, "
+        "pub_n0, pub_b0, del_n0, del_b0, peak, peak_at, min, ws_peak, ch_peak, ch_min"
+    )
+    row = "1, 0, 0, 10, 0, 0, 0, 0, 5, 50, 0, 0, 3, {at}, 1, 0, 0, 0"
+    with scratch_database("minute") as url:
+        cfg = alembic_config(url)
+        command.downgrade(cfg, "0004")
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO usage_state (scope, entity_id, conns, ws, channels, since, "
+                        "area, ch_area, opened, refused, ch_opened, pub_n, pub_b, del_n, del_b, "
+                        "minute, hour) VALUES (1, 7, 1, 0, 0, 130, 20, 0, 0, 0, 0, 5, 50, 0, 0, "
+                        "120, 0)"
+                    )
+                )
+                for start in (60, 120):  # an older minute row, and the latest one
+                    conn.execute(
+                        text(
+                            f"INSERT INTO usage_rollups (scope, entity_id, unit, period_start, "
+                            f"{figures}) VALUES (1, 7, 1, {start}, {row.format(at=start + 1)})"
+                        )
+                    )
+            command.upgrade(cfg, "0005")
+            with engine.connect() as conn:
+                kept = conn.execute(text("SELECT period_start FROM usage_rollups")).scalars()
+                assert list(kept) == [60]
+                state = conn.execute(text("SELECT * FROM usage_state")).mappings().one()
+                assert (state["minute"], state["minute_peak"], state["minute_peak_at"]) == (
+                    120,
+                    3,
+                    121,
+                )
+                assert state["minute_pub_n0"] == 5
+            command.downgrade(cfg, "0004")
+            with engine.connect() as conn:
+                back = conn.execute(
+                    text("SELECT period_start, peak_at FROM usage_rollups ORDER BY 1")
+                ).all()
+                assert [tuple(r) for r in back] == [(60, 61), (120, 121)]
         finally:
             engine.dispose()
