@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import time
@@ -127,11 +128,18 @@ class Aggregator:
 
     def run(self) -> CycleResult:
         started = time.perf_counter()
+        # The cycle makes no reference cycles worth collecting (its data are a few arrays), so
+        # a collection in the middle of it would walk every object of the process for nothing.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             result, after_commit = self._cycle()
         except BaseException:
             self._loaded = None  # memory may be ahead of what Postgres holds
             raise
+        finally:
+            if collecting:
+                gc.enable()
         for action in after_commit:
             try:
                 action()
