@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: where Redis is, a throwaway key prefix, printing a result line."""
+"""Shared by the benchmarks: where Redis is, a throwaway key prefix, printing a result line,
+the aggregator's bulk write done by hand."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import math
 import os
 import signal
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import psycopg
 import redis
 
 from tests import processes
@@ -95,3 +99,27 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in 0..100)."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def copy_and_merge(
+    conn: psycopg.Connection[Any],
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[int]],
+    merge: str,
+) -> float:
+    """Seconds to COPY ``rows`` into the temporary table ``bench_stage`` (made by the caller)
+    and merge them into ``table`` with one ``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE
+    SET merge`` (``t``: the stored row), committed: what the aggregator does on Postgres."""
+    cols = ", ".join(columns)
+    started = time.perf_counter()
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY bench_stage ({cols}) FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(r)
+        cur.execute(
+            f"INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM bench_stage "
+            f"ON CONFLICT (scope, entity_id, unit, period_start) DO UPDATE SET {merge}"
+        )
+    conn.commit()
+    return time.perf_counter() - started

@@ -82,7 +82,12 @@ def retention() -> dict[str, Any]:
     result = rollup_retention.enforce_retention(
         database.get_engine(), datacenter_stores(settings), kept
     )
-    return {"deleted": result.deleted, "marks_forgotten": result.marks_forgotten}
+    return {
+        "deleted": result.deleted,
+        "dropped": result.dropped,
+        "created": result.created,
+        "marks_forgotten": result.marks_forgotten,
+    }
 
 
 JOBS: dict[str, Callable[[], Any]] = {

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import redis
 
 from metering.core.database import get_engine
 from metering.gateway.sdk import Meter
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
-from metering.rollups import query
+from metering.rollups import partitions, query
 from metering.rollups.fold import APP
 from metering.rollups.periods import Unit
 from metering.rollups.retention import enforce_retention
@@ -29,6 +31,8 @@ def test_old_minute_rows_go_and_stay_gone_while_hours_are_kept(env: Env) -> None
     now = 1_800_000_000 - 1_800_000_000 % DAY + 12 * 3600
     old = now - 10 * DAY
     app = str(t.app_id)
+    with get_engine().begin() as conn:
+        partitions.ensure(conn, old)  # the old minute rows get a day's partition of their own
     for second in (old, old + 1, old + 2, now - 2, now - 1, now):
         meter.connection_opened(app)
         meter.flush()
@@ -54,7 +58,12 @@ def test_old_minute_rows_go_and_stay_gone_while_hours_are_kept(env: Env) -> None
         {Unit.MINUTE: 7 * DAY, Unit.HOUR: 90 * DAY, Unit.DAY: None, Unit.MONTH: None},
         now=now,
     )
-    assert result.deleted == {"minute": 2, "hour": 0}  # the app's and its account's
+    # The old minute rows (the app's and its account's) went with their day's partition;
+    # nothing was deleted row by row.
+    old_day = partitions.name(Unit.MINUTE, datetime.fromtimestamp(old - old % DAY, UTC))
+    assert old_day in result.dropped["minute"]
+    assert result.dropped["hour"] == []
+    assert result.deleted == {"minute": 0, "hour": 0}
     assert minutes() == before_minutes[:2]  # the recent minutes; the old one is gone
     assert hours() == before_hours
     client.close()
