@@ -16,10 +16,17 @@ settings = get_settings()
 app = Celery("metering", broker=settings.redis_url, include=["workers.tasks"])
 app.conf.update(
     task_default_queue="celery",
-    # A worker started without -Q consumes both; production can give "live" workers of its own.
-    task_queues=(Queue("celery"), Queue("live")),
-    # The 1-second tick has a queue of its own, so a backlog of other work never delays it.
-    task_routes={"metering.live.tick": {"queue": "live"}},
+    # A worker started without -Q consumes them all; production gives "live" and "rollups"
+    # workers of their own.
+    task_queues=(Queue("celery"), Queue("live"), Queue("rollups")),
+    task_routes={
+        # The 1-second tick has a queue of its own, so a backlog of other work never delays it.
+        "metering.live.tick": {"queue": "live"},
+        # Aggregation keeps what it loaded between cycles, in the process: one process (a
+        # worker with --concurrency 1 on this queue) runs every cycle warm; a cycle that
+        # lands in another process reloads everything from Postgres first.
+        "metering.rollups.aggregate": {"queue": "rollups"},
+    },
     beat_schedule=beat_schedule(settings),
     # Beat wakes at least every second, or a 1-second schedule drifts.
     beat_max_loop_interval=1,

@@ -32,7 +32,7 @@ def periodic_tasks(settings: Settings) -> list[Periodic]:
         Periodic(
             "metering.rollups.aggregate",
             settings.aggregate_interval.total_seconds(),
-            {"expires": settings.aggregate_interval.total_seconds()},
+            {"expires": settings.aggregate_interval.total_seconds(), "queue": "rollups"},
         ),
         Periodic(
             "metering.rollups.retention",
