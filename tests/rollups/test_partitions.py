@@ -319,7 +319,7 @@ def test_the_migration_moves_the_rows_into_partitions_and_back() -> None:
             put(conn, 1, at(1971, 1, 1))
             before = conn.exec_driver_sql("SELECT * FROM usage_rollups ORDER BY 1, 2, 3, 4").all()
 
-        upgrade(url)
+        upgrade(url, "0003")
         with engine.connect() as conn:
             after = conn.exec_driver_sql("SELECT * FROM usage_rollups ORDER BY 1, 2, 3, 4").all()
             assert after == before
