@@ -39,14 +39,6 @@ def _merge_sql(dialect: str, table: str, merge: Mapping[str, str]) -> str:
     )
 
 
-def _stage(conn: Connection, table: str) -> str:
-    stage = f"_stage_{table}"
-    conn.exec_driver_sql(
-        f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS"
-    )
-    return stage
-
-
 def _widths(table: str, columns: Sequence[str]) -> list[int]:
     """Each integer column's width in bytes, from the model."""
     t: Table = Base.metadata.tables[table]
@@ -71,14 +63,18 @@ def _binary_dtype(widths: Sequence[int]) -> np.dtype[Any]:
     return np.dtype(fields)
 
 
-def binary_copy(rows: npt.NDArray[np.int64], widths: Sequence[int]) -> bytes:
-    """``rows`` (no NULLs) in COPY's binary format, for columns of these byte ``widths``."""
-    out = np.empty(len(rows), dtype=_binary_dtype(widths))
-    out["n"] = len(widths)
-    for i, w in enumerate(widths):
-        out[f"l{i}"] = w
-        out[f"v{i}"] = rows[:, i]
+def binary_copy(rows: npt.NDArray[np.int64]) -> bytes:
+    """``rows`` (no NULLs) in COPY's binary format, every column a ``bigint``: two array
+    assignments for the whole matrix (each field is its length, 8, then the value)."""
+    n = rows.shape[1]
+    out = np.empty(len(rows), dtype=np.dtype([("n", ">i2"), ("f", _BIGINT_FIELD, (n,))]))
+    out["n"] = n
+    out["f"]["l"] = 8
+    out["f"]["v"] = rows
     return _SIGNATURE + out.tobytes() + _TRAILER
+
+
+_BIGINT_FIELD = np.dtype([("l", ">i4"), ("v", ">i8")])
 
 
 def parse_binary_copy(data: bytes, widths: Sequence[int]) -> npt.NDArray[np.int64]:
@@ -123,13 +119,19 @@ def upsert_array(
         return 0
     if conn.dialect.name != "postgresql":
         return upsert(conn, table, columns=columns, keys=keys, rows=rows.tolist(), merge=merge)
-    stage = _stage(conn, table)
+    # A staging table of bigints (the values cast on the merge's insert): every field of the
+    # COPY the same width, so NumPy builds it in one piece.
     cols = ", ".join(columns)
+    stage = f"_stage_{table}_bigint"
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({', '.join(c + ' bigint' for c in columns)}) "
+        "ON COMMIT DELETE ROWS"
+    )
     raw: Any = conn.connection.driver_connection
     with raw.cursor() as cur:
         cur.execute(f"TRUNCATE {stage}")
         with cur.copy(f"COPY {stage} ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.write(binary_copy(rows, _widths(table, columns)))
+            copy.write(binary_copy(rows))
         cur.execute(_merge_from(conn.dialect.name, table, stage, columns, keys, merge))
     return len(rows)
 
