@@ -427,6 +427,8 @@ def _sql(_cursor: Any, query: Any, *_rest: Any) -> str:
     q = str(query)
     if q.startswith("INSERT INTO") and " FROM _stage_" in q:
         return f"merge SQL into {q.split()[2]} (INSERT ... ON CONFLICT, server)"
+    if q.startswith("UPDATE") and " FROM _stage_" in q:
+        return f"merge SQL into {q.split()[1]} (UPDATE ... FROM, server)"
     return "other SQL (lock, cursor update, stage setup)"
 
 
@@ -496,6 +498,30 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms".replace(",", " ")
 
 
+def print_growth(figures: dict[int, Figures], baselines: dict[int, float]) -> None:
+    """Each step's growth in cycle time, and the cost per app beside the baseline's per row."""
+    sizes = list(figures)
+    for label, pick in (
+        ("all changed", lambda f: median_cycle(f.steady_all)),
+        ("10% changed", lambda f: median_cycle(f.steady_some)),
+        ("new minute", lambda f: f.new_minute),
+    ):
+        steps = []
+        for a, b in itertools.pairwise(sizes):
+            growth = pick(figures[b]).duration / pick(figures[a]).duration
+            verdict = "linear or better" if growth <= b / a else "FASTER than linear"
+            steps.append(f"{a} to {b} apps: time x{growth:.1f} for apps x{b / a:g} ({verdict})")
+        if steps:
+            print(f"growth, {label}: " + "; ".join(steps))
+    if len(sizes) < 2:
+        return
+    print("cost per app, all changed, beside the baseline's per row (updating as many rows):")
+    for apps in sizes:
+        ours = median_cycle(figures[apps].steady_all).duration / apps * 1e6
+        theirs = baselines[apps] / apps * 1e6
+        print(f"  {apps:>7} apps: {ours:6.2f} µs per app; baseline {theirs:6.2f} µs per row")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -516,6 +542,11 @@ def main() -> None:
     print(f"Redis {REDIS_URL}")
     new, updated = baseline(args.baseline_rows, args.repeat)
     per_row = {"new": new / args.baseline_rows, "update": updated / args.baseline_rows}
+    # The same baseline at each size (as many rows as apps): how Postgres's own cost per row
+    # moves with the size, beside the cycle's growth.
+    scaled = {
+        n: updated if n == args.baseline_rows else baseline(n, args.repeat)[1] for n in args.apps
+    }
 
     figures: dict[int, Figures] = {}
     for apps in args.apps:
@@ -537,19 +568,7 @@ def main() -> None:
         cells = (f.first, median_cycle(f.steady_all), median_cycle(f.steady_some), f.new_minute)
         print(row(apps, *(ms(c.duration) for c in cells), ms(f.cold.duration), widths=widths))
 
-    sizes = list(figures)
-    for label, pick in (
-        ("all changed", lambda f: median_cycle(f.steady_all)),
-        ("10% changed", lambda f: median_cycle(f.steady_some)),
-        ("new minute", lambda f: f.new_minute),
-    ):
-        steps = []
-        for a, b in itertools.pairwise(sizes):
-            growth = pick(figures[b]).duration / pick(figures[a]).duration
-            verdict = "linear or better" if growth <= b / a else "FASTER than linear"
-            steps.append(f"{a} to {b} apps: time x{growth:.1f} for apps x{b / a:g} ({verdict})")
-        if steps:
-            print(f"growth, {label}: " + "; ".join(steps))
+    print_growth(figures, scaled)
 
     largest = max(figures)
     f = figures[largest]

@@ -11,7 +11,8 @@ counter marks) go by ``executemany``; SQLite takes everything that way.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -63,15 +64,20 @@ def _binary_dtype(widths: Sequence[int]) -> np.dtype[Any]:
     return np.dtype(fields)
 
 
-def binary_copy(rows: npt.NDArray[np.int64]) -> bytes:
-    """``rows`` (no NULLs) in COPY's binary format, every column a ``bigint``: two array
-    assignments for the whole matrix (each field is its length, 8, then the value)."""
-    n = rows.shape[1]
-    out = np.empty(len(rows), dtype=np.dtype([("n", ">i2"), ("f", _BIGINT_FIELD, (n,))]))
+def binary_copy(rows: npt.NDArray[np.int64]) -> bytearray:
+    """``rows`` (no NULLs) in COPY's binary format, every column a ``bigint``: three array
+    assignments for the whole matrix (each field is its length, 8, then the value), straight
+    into the buffer that is sent (no concatenation: at 100 000 rows it is 55 MB)."""
+    n_rows, n = rows.shape
+    record = np.dtype([("n", ">i2"), ("f", _BIGINT_FIELD, (n,))])
+    buf = bytearray(len(_SIGNATURE) + n_rows * record.itemsize + len(_TRAILER))
+    buf[: len(_SIGNATURE)] = _SIGNATURE
+    buf[len(buf) - len(_TRAILER) :] = _TRAILER
+    out = np.frombuffer(buf, dtype=record, count=n_rows, offset=len(_SIGNATURE))
     out["n"] = n
     out["f"]["l"] = 8
     out["f"]["v"] = rows
-    return _SIGNATURE + out.tobytes() + _TRAILER
+    return buf
 
 
 _BIGINT_FIELD = np.dtype([("l", ">i4"), ("v", ">i8")])
@@ -119,9 +125,70 @@ def upsert_array(
         return 0
     if conn.dialect.name != "postgresql":
         return upsert(conn, table, columns=columns, keys=keys, rows=rows.tolist(), merge=merge)
-    # A staging table of bigints (the values cast on the merge's insert): every field of the
-    # COPY the same width, so NumPy builds it in one piece.
-    cols = ", ".join(columns)
+    with _staged(conn, table, columns, rows) as (cur, stage):
+        cur.execute(_merge_from(conn.dialect.name, table, stage, columns, keys, merge))
+    return len(rows)
+
+
+def replace_array(
+    conn: Connection,
+    table: str,
+    *,
+    columns: Sequence[str],
+    keys: Sequence[str],
+    rows: npt.NDArray[np.int64],
+) -> int:
+    """Write an integer matrix (``columns`` order, no NULLs) as the records now are: every
+    column but the ``keys`` overwritten, records not there yet inserted.
+
+    For records that are nearly all there already (the aggregator's states): on Postgres an
+    ``UPDATE ... FROM`` the staging table, which joins it once, costs about 70 % of an
+    ``INSERT ... ON CONFLICT DO UPDATE`` (an index probe and a speculative insertion per
+    row). Only when it updated fewer records than it was given are the missing ones inserted.
+    """
+    if not len(rows):
+        return 0
+    values = [c for c in columns if c not in keys]
+    if conn.dialect.name != "postgresql":
+        overwrite = {c: f"excluded.{c}" for c in values}
+        return upsert(conn, table, columns=columns, keys=keys, rows=rows.tolist(), merge=overwrite)
+    match = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+    with _staged(conn, table, columns, rows) as (cur, stage):
+        # The join hashes the staged rows: in memory in one batch, not spilled in several
+        # to temporary files (at 100 000 states with the default 4 MB, 8 batches, and the
+        # UPDATE took 15 % longer). For the rest of this transaction only.
+        cur.execute(f"SET LOCAL work_mem = '{_hash_memory_kb(rows)}kB'")
+        # Identifiers come from the code, never from input; values travel by COPY.
+        cur.execute(
+            f"UPDATE {table} t SET {', '.join(f'{c} = s.{c}' for c in values)} "  # noqa: S608
+            f"FROM {stage} s WHERE {match}"
+        )
+        if cur.rowcount < len(rows):
+            cols = ", ".join(columns)
+            cur.execute(
+                f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} s "  # noqa: S608
+                f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match}) "
+                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in values)
+            )
+    return len(rows)
+
+
+def _hash_memory_kb(rows: npt.NDArray[np.int64]) -> int:
+    """Room for a hash table of ``rows`` (a tuple's header, 8 bytes a value, the bucket):
+    at least Postgres's default 4 MB, at most 256 MB."""
+    needed = len(rows) * (rows.shape[1] * 8 + 64) * 3 // 2 // 1024
+    return int(min(max(needed, 4096), 256 * 1024))
+
+
+@contextmanager
+def _staged(
+    conn: Connection, table: str, columns: Sequence[str], rows: npt.NDArray[np.int64]
+) -> Iterator[tuple[Any, str]]:
+    """A raw cursor and the name of a temporary table holding ``rows``, sent by binary COPY.
+
+    The staging table is all bigints (the values cast on the way into ``table``): every field
+    of the COPY the same width, so NumPy builds it in one piece."""
     stage = f"_stage_{table}_bigint"
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({', '.join(c + ' bigint' for c in columns)}) "
@@ -130,10 +197,9 @@ def upsert_array(
     raw: Any = conn.connection.driver_connection
     with raw.cursor() as cur:
         cur.execute(f"TRUNCATE {stage}")
-        with cur.copy(f"COPY {stage} ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
+        with cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.write(binary_copy(rows))
-        cur.execute(_merge_from(conn.dialect.name, table, stage, columns, keys, merge))
-    return len(rows)
+        yield cur, stage
 
 
 def _merge_from(  # noqa: PLR0917 (internal)

@@ -220,17 +220,23 @@ class Book:
         return idx
 
     def add(self, code: Ints, since: int) -> Ints:
-        """Add entities (new, distinct codes) holding nothing since ``since``."""
+        """Add entities (new, distinct codes) holding nothing since ``since``; each one's index.
+
+        A batch is added in code order, so that the entities of a sample (sorted by code) lie
+        in the order of their indices, and folding it walks the matrices forwards."""
         start, end = self.size, self.size + len(code)
         self._grow(end)
-        self.codes[start:end] = code
+        order = np.argsort(code, kind="stable")
+        self.codes[start:end] = code[order]
         self.state[start:end] = 0
         self.state[start:end, S_SINCE] = since
         self.size = end
         self._sorted = self.codes[:end].copy()
         self._order = np.argsort(self._sorted, kind="stable").astype(np.int64)
         self._sorted = self._sorted[self._order]
-        return np.arange(start, end, dtype=np.int64)
+        idx = np.empty(len(code), dtype=np.int64)
+        idx[order] = np.arange(start, end, dtype=np.int64)
+        return idx
 
     def _grow(self, needed: int) -> None:
         capacity = len(self.codes)

@@ -69,7 +69,6 @@ STATE_COLUMNS = (
     "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area",
     *COUNTERS, *UNIT_COLUMNS, *MINUTE_COLUMNS,
 )  # fmt: skip
-_STATE_MERGE = {c: f"excluded.{c}" for c in STATE_COLUMNS[2:]}
 _ROW_MERGE = {
     "peak_at": "CASE WHEN excluded.peak > {t}.peak THEN excluded.peak_at ELSE {t}.peak_at END",
     "peak": "{greatest}({t}.peak, excluded.peak)",
@@ -447,9 +446,9 @@ class Aggregator:
         if horizons and len(rows):
             horizon = np.array([horizons.get(u + 1, 0) for u in range(len(UNITS))], np.int64)
             rows = rows[rows[:, 3] >= horizon[rows[:, 2] - 1]]
-        bulk.upsert_array(
+        bulk.replace_array(
             conn, "usage_state", columns=STATE_COLUMNS, keys=("scope", "entity_id"),
-            rows=state_rows, merge=_STATE_MERGE,
+            rows=state_rows,
         )  # fmt: skip
         bulk.upsert_array(
             conn, "usage_rollups", columns=ROW_COLUMNS,

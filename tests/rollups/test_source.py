@@ -53,13 +53,14 @@ def test_only_the_apps_changed_after_the_sequence_are_read_with_their_absolute_t
     meter.message_published("1", "c", 10)
     meter.message_delivered("1", "c", 10, count=3)
     meter.connection_refused("2")
-    meter.message_published("3", "c", 7)
+    for app in ("3", "4", "5"):
+        meter.message_published(app, "c", 7)
     assert meter.flush() == "ok"
     inc = meter.incarnation
     first = source.counter_changes(dc, 0).seq
 
     meter.message_published("1", "c", 5)
-    meter.connection_refused("2")  # app 3 does not change
+    meter.connection_refused("2")  # apps 3, 4 and 5 do not change
     assert meter.flush() == "ok"
     assert meter.flush() == "ok"  # a heartbeat sends no counters and logs no change
     second = source.counter_changes(dc, 0).seq
@@ -72,9 +73,30 @@ def test_only_the_apps_changed_after_the_sequence_are_read_with_their_absolute_t
     assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {
         1: (2, 0, 2, 15, 3, 30),
         2: (0, 2, 0, 0, 0, 0),
-        3: (0, 0, 1, 7, 0, 0),
+        **dict.fromkeys((3, 4, 5), (0, 0, 1, 7, 0, 0)),
     }
     assert as_dict(source.changed_counters(dc, [inc], second)[inc]) == {}
+
+
+def test_when_most_apps_changed_the_whole_hash_is_read_with_the_same_totals(
+    dc: DatacenterStore,
+) -> None:
+    meter = Meter(dc, "fe-a")
+    for app in ("1", "2", "3"):
+        meter.message_published(app, "c", 10)
+    assert meter.flush() == "ok"
+    first = source.counter_changes(dc, 0).seq
+    meter.message_published("1", "c", 5)
+    meter.message_published("2", "c", 5)  # two of three moved: the whole hash is read
+    assert meter.flush() == "ok"
+
+    # App 3 comes too, with the absolute total its mark already holds (Marks.apply adds
+    # nothing for it); the moved apps' totals are the same as a read of them alone.
+    assert as_dict(source.changed_counters(dc, [meter.incarnation], first)[meter.incarnation]) == {
+        1: (0, 0, 2, 15, 0, 0),
+        2: (0, 0, 2, 15, 0, 0),
+        3: (0, 0, 1, 10, 0, 0),
+    }
 
 
 def test_a_repeated_flush_never_adds_anything(dc: DatacenterStore) -> None:
