@@ -6,6 +6,7 @@ holds logic of its own.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from metering.accounts.store import RegistryStore
 from metering.core import database
 from metering.core import redis as redis_clients
 from metering.core.settings import get_settings
+from metering.limits import wiring as limits_wiring
 from metering.live import service as live
 from metering.live.wiring import datacenter_stores, global_store
 from metering.rollups import retention as rollup_retention
@@ -29,7 +31,69 @@ def tick() -> dict[str, Any]:
         liveness_timeout=settings.liveness_timeout.total_seconds(),
         sample_retention=settings.sample_retention,
     )
-    return {"second": result.second, "committed": result.committed, "apps": result.apps_changed}
+    alerts = 0
+    if result.committed:
+        # Within the second: the concurrent metrics' levels, and the live counts gateways
+        # weigh their admission decisions with.
+        alerts = len(limits().live.after_tick(result.second, result.accounts).alerts)
+    return {
+        "second": result.second,
+        "committed": result.committed,
+        "apps": result.apps_changed,
+        "alerts": alerts,
+    }
+
+
+_limits: dict[tuple[str, str, str], limits_wiring.Limits] = {}
+
+
+def limits() -> limits_wiring.Limits:
+    """This process's limits checker, admission mirror and delivery dispatch."""
+    settings = get_settings()
+    key = (settings.database_url, settings.redis_url, settings.redis_prefix)
+    built = _limits.get(key)
+    if built is None:
+        _limits.clear()
+        built = _limits[key] = limits_wiring.build(settings, database.get_engine(), dispatch)
+    return built
+
+
+def dispatch(delivery_ids: list[int]) -> None:
+    """Send deliveries whose alert just committed: a Celery task each; in the embedded
+    engine, a thread (the periodic sweep catches whatever either loses)."""
+    if get_settings().embedded:
+        threading.Thread(
+            target=lambda: [deliver(i) for i in delivery_ids], name="alert-delivery", daemon=True
+        ).start()
+        return
+    from workers.celeryapp import app  # noqa: PLC0415 (the Celery app imports the jobs' module)
+
+    for delivery_id in delivery_ids:
+        app.send_task(DELIVER, args=[delivery_id])
+
+
+DELIVER = "metering.limits.deliver"
+
+
+def deliver(delivery_id: int) -> dict[str, Any]:
+    outcome = limits_wiring.deliver(get_settings(), database.get_engine(), delivery_id)
+    return {
+        "delivery": delivery_id,
+        "status": outcome.status,
+        "attempt": outcome.attempt,
+        "retry_at": None if outcome.retry_at is None else outcome.retry_at.isoformat(),
+    }
+
+
+def sweep_deliveries() -> dict[str, Any]:
+    result = limits_wiring.sweep(get_settings(), database.get_engine())
+    return {"sent": result.sent, "retried": result.retried, "failed": result.failed}
+
+
+def sync_admission() -> int:
+    return limits_wiring.sync_admission(
+        database.get_engine(), limits_wiring.admission_store(get_settings())
+    )
 
 
 def sync_registry() -> int:
@@ -52,6 +116,7 @@ def aggregator() -> rollups.Aggregator:
             global_store(settings),
             datacenter_stores(settings),
             max_samples=settings.aggregate_max_samples,
+            on_accounts=limits().aggregate,
         )
     return agg
 
@@ -95,4 +160,6 @@ JOBS: dict[str, Callable[[], Any]] = {
     "metering.accounts.sync_registry": sync_registry,
     "metering.rollups.aggregate": aggregate,
     "metering.rollups.retention": retention,
+    "metering.limits.sweep_deliveries": sweep_deliveries,
+    "metering.limits.sync_admission": sync_admission,
 }

@@ -34,6 +34,18 @@ def periodic_tasks(settings: Settings) -> list[Periodic]:
             settings.aggregate_interval.total_seconds(),
             {"expires": settings.aggregate_interval.total_seconds(), "queue": "rollups"},
         ),
+        # Deliveries whose task was lost (a worker killed after the alert committed).
+        Periodic(
+            "metering.limits.sweep_deliveries",
+            settings.alert_sweep_interval.total_seconds(),
+            {"expires": settings.alert_sweep_interval.total_seconds()},
+        ),
+        # The admission mirror rewritten whole (Redis emptied), month blocks lifted at a new month.
+        Periodic(
+            "metering.limits.sync_admission",
+            settings.registry_refresh_interval.total_seconds(),
+            {"expires": settings.registry_refresh_interval.total_seconds()},
+        ),
         Periodic(
             "metering.rollups.retention",
             settings.retention_interval.total_seconds(),

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    String,
+    UniqueConstraint,
+    true,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from metering.core.database import Base, utcnow
 
 METRICS = ("connections", "channels", "messages", "data")
-PERMISSIONS = ("platform", "stats", "admission", "billing")
+# staff: the platform's own staff (packages, limits, alerts, overrides of every account).
+PERMISSIONS = ("platform", "stats", "admission", "billing", "staff")
 
 
 class Package(Base):
@@ -18,6 +27,9 @@ class Package(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # At the hard level: refuse new connections, attaches or messages (True), or only notify
+    # staff (for accounts that must never be cut off).
+    enforce_hard: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -48,6 +60,19 @@ class Account(Base):
     name: Mapped[str] = mapped_column(String(200))
     package_id: Mapped[int | None] = mapped_column(ForeignKey("packages.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PackageChange(Base):
+    """Every package an account was put on, and when: the month's bill takes the one in force
+    at the month's end and lists the changes within it."""
+
+    __tablename__ = "package_changes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    package_id: Mapped[int | None] = mapped_column(ForeignKey("packages.id"))
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    changed_by: Mapped[str] = mapped_column(String(200))
 
 
 class App(Base):

@@ -16,6 +16,7 @@ PERMISSION_MESSAGES = {
     "stats": "Stats API permission required",
     "admission": "Admission API permission required",
     "billing": "Billing API permission required",
+    "staff": "Staff permission required",
 }
 _MAX_KEY_LENGTH = 256
 

@@ -5,4 +5,5 @@ from __future__ import annotations
 
 def import_all_models() -> None:
     import metering.accounts.models  # noqa: PLC0415
+    import metering.limits.models  # noqa: PLC0415
     import metering.rollups.models  # noqa: F401, PLC0415

@@ -64,6 +64,35 @@ class Settings(BaseSettings):
     max_channel_length: int = 256
     max_channels_per_connection: int = 200
 
+    # Package limits and staff alerts (metering/limits). An alert goes to each channel that is
+    # set: a webhook (JSON, signed with HMAC-SHA256 over "<timestamp>.<body>") and e-mail.
+    limits_refresh_interval: timedelta = timedelta(seconds=5)
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: str | None = None
+    alert_webhook_timeout: timedelta = timedelta(seconds=5)
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_timeout: timedelta = timedelta(seconds=10)
+    alert_email_from: str = "metering@localhost"
+    # Addresses separated by commas.
+    alert_email_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A delivery that fails is tried again after alert_retry_base, doubling up to
+    # alert_retry_max, at most alert_max_attempts times; then it is marked failed (and logged).
+    alert_max_attempts: int = 8
+    alert_retry_base: timedelta = timedelta(seconds=5)
+    alert_retry_max: timedelta = timedelta(hours=1)
+    # How often pending deliveries whose task was lost (a worker killed) are swept up.
+    alert_sweep_interval: timedelta = timedelta(seconds=10)
+    # Gateways: whether a gateway that cannot reach Redis (its admission copy older than
+    # admission_stale_after) lets connections, attaches and messages in, and how often it
+    # re-reads the copy without a notice.
+    admission_fail_open: bool = True
+    admission_refresh_interval: timedelta = timedelta(seconds=5)
+    admission_stale_after: timedelta = timedelta(seconds=15)
+
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -81,6 +110,14 @@ class Settings(BaseSettings):
         "retention_interval",
         "key_cache_ttl",
         "count_cache_ttl",
+        "limits_refresh_interval",
+        "alert_webhook_timeout",
+        "smtp_timeout",
+        "alert_retry_base",
+        "alert_retry_max",
+        "alert_sweep_interval",
+        "admission_refresh_interval",
+        "admission_stale_after",
         mode="before",
     )
     @classmethod
@@ -107,6 +144,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected dc=url pairs separated by commas, got {item!r}")
             pairs[_hash_tag_safe(name.strip())] = url.strip()
         return pairs
+
+    @field_validator("alert_email_to", mode="before")
+    @classmethod
+    def _parse_addresses(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        addresses = [a.strip() for a in value.split(",") if a.strip()]
+        for address in addresses:
+            if "@" not in address or any(c.isspace() for c in address):
+                raise ValueError(f"not an e-mail address: {address!r}")
+        return addresses
 
     @field_validator("redis_prefix", "datacenter")
     @classmethod
@@ -135,6 +183,14 @@ class Settings(BaseSettings):
             "flush_min_interval",
             "aggregate_interval",
             "retention_interval",
+            "limits_refresh_interval",
+            "alert_webhook_timeout",
+            "smtp_timeout",
+            "alert_retry_base",
+            "alert_retry_max",
+            "alert_sweep_interval",
+            "admission_refresh_interval",
+            "admission_stale_after",
         ):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{name} must be positive")
@@ -142,6 +198,12 @@ class Settings(BaseSettings):
             kept = getattr(self, f"retention_{unit}")
             if kept is not None and kept <= timedelta(0):
                 raise ValueError(f"retention_{unit} must be positive (empty keeps rows for ever)")
+        if self.alert_webhook_url and not self.alert_webhook_secret:
+            raise ValueError("alert_webhook_url needs alert_webhook_secret (the HMAC key)")
+        if self.alert_email_to and not self.smtp_host:
+            raise ValueError("alert_email_to needs smtp_host")
+        if self.alert_max_attempts < 1:
+            raise ValueError("alert_max_attempts must be at least 1")
         if self.aggregate_max_samples < 1:
             raise ValueError("aggregate_max_samples must be at least 1")
         if self.flush_interval >= self.liveness_timeout:

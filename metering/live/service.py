@@ -26,7 +26,9 @@ class TickResult:
     second: int
     committed: bool
     apps_changed: int = 0
-    accounts_changed: int = 0
+    # The accounts whose live values moved, with them: (websocket, streaming, long poll,
+    # channels).
+    accounts: tuple[tuple[str, tuple[int, int, int, int]], ...] = ()
     gap: int = 0
     resynced: tuple[str, ...] = ()
     duration: float = 0.0
@@ -93,14 +95,14 @@ def tick(
         conns = {app: (t[0], t[1], t[2]) for app, t in zip(app_list, totals, strict=True)}
         channels = dict(zip(chan_list, present, strict=True))
 
-    committed, gap, apps_changed, accounts_changed = global_store.commit(
+    committed, gap, apps_changed, accounts = global_store.commit(
         second, cursors, conns, channels, maxlen=sample_retention
     )
     result = TickResult(
         second=second,
         committed=committed,
         apps_changed=apps_changed,
-        accounts_changed=accounts_changed,
+        accounts=tuple(accounts),
         gap=gap,
         resynced=tuple(resynced),
         duration=time.perf_counter() - started,

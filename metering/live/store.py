@@ -311,22 +311,23 @@ class GlobalStore:
         channels: dict[str, bool],
         *,
         maxlen: int,
-    ) -> tuple[bool, int, int, int]:
+    ) -> tuple[bool, int, int, list[tuple[str, tuple[int, int, int, int]]]]:
         """Store the new global values, the account sums and the sample, claiming ``second``.
 
         Optimistic and atomic: the tick hash is WATCHed while the old values are read, and
         every commit writes it, so of two ticks racing, the one that commits second fails
-        whole (MULTI/EXEC) and counts nothing. Returns (committed, gap, apps, accounts).
+        whole (MULTI/EXEC) and counts nothing. Returns (committed, gap, apps changed, the
+        accounts changed with their new values: websocket, streaming, long poll, channels).
         """
         tick_key = self.key("tick")
         with self.client.pipeline(transaction=True) as txn:
             txn.watch(tick_key)  # type: ignore[no-untyped-call]
             state = self._tick_state(txn.hgetall(tick_key))
             if state.second is not None and second <= state.second:
-                return False, 0, 0, 0
+                return False, 0, 0, []
             for dc, epoch, cursor in cursors:
                 if state.epochs.get(dc) == epoch and cursor < state.cursors.get(dc, 0):
-                    return False, 0, 0, 0  # read older than the last commit
+                    return False, 0, 0, []  # read older than the last commit
 
             moves = self._channel_moves(channels)
             changed = self._app_changes(conns, moves)
@@ -371,8 +372,8 @@ class GlobalStore:
             try:
                 txn.execute()
             except redis.WatchError:
-                return False, 0, 0, 0
-        return True, gap, len(changed), len(accounts)
+                return False, 0, 0, []
+        return True, gap, len(changed), accounts
 
     def _channel_moves(self, channels: dict[str, bool]) -> _ChannelMoves:
         """Channels becoming active or idle globally, and how that moves each app's count."""

@@ -35,9 +35,13 @@ from metering.rollups.fold import (
     APP,
     CH_OPENED,
     N_COUNTERS,
+    R_CH_PEAK,
+    R_COUNTERS0,
+    R_PEAK,
     R_START,
     S_CH,
     S_CONNS,
+    S_COUNTERS,
     UNITS,
     Book,
     Coverage,
@@ -54,6 +58,7 @@ from metering.rollups.models import (
     UsageGap,
     UsageMark,
 )
+from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
@@ -93,6 +98,23 @@ class CycleResult:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class AccountUsage:
+    """Each account a cycle changed, with its usage in its latest month so far (what the
+    limits are checked against): ``usage`` columns in ``USAGE_METRICS`` order."""
+
+    accounts: Ints
+    month_start: Ints  # the second each account's month began
+    usage: Ints
+
+
+# Peak connections and channels, messages published and delivered, and their bytes.
+USAGE_METRICS = ("connections", "channels", "messages", "data")
+# Called inside the cycle's transaction with the accounts it changed; what it returns runs
+# after the commit (the limits check: alerts are recorded with the rollups that show them).
+AccountsHook = Callable[[Connection, AccountUsage], Callable[[], None] | None]
+
+
 @dataclass(slots=True)
 class _Loaded:
     """What the process knows of Postgres as of ``cycle`` (see the module docstring)."""
@@ -112,8 +134,10 @@ class Aggregator:
         datacenters: Mapping[str, DatacenterStore],
         *,
         max_samples: int = 3600,
+        on_accounts: AccountsHook | None = None,
     ) -> None:
         self.engine = engine
+        self.on_accounts = on_accounts
         self.global_store = global_store
         self.datacenters = datacenters
         self.max_samples = max_samples
@@ -218,6 +242,7 @@ class Aggregator:
                     rows=new_gaps, merge={"missed": "excluded.missed"},
                 )  # fmt: skip
             self._write_marks(conn, loaded, dirty_marks, counted_upto or 0)
+            then = self._check_accounts(conn, folder.book)
             conn.execute(
                 update(UsageCursor)
                 .where(UsageCursor.id == 1)
@@ -231,7 +256,7 @@ class Aggregator:
             self._pause("before_commit")
             loaded.cycle = cursor.cycle + 1
         self._pause("after_commit")
-        after: list[Callable[[], None]] = []
+        after: list[Callable[[], None]] = [then] if then is not None else []
         if counted_upto is not None:
             after.append(lambda: source.trim_samples(self.global_store, counted_upto))
         for dc, incs in retiring:
@@ -248,6 +273,12 @@ class Aggregator:
             ),
             after,
         )
+
+    def _check_accounts(self, conn: Connection, book: Book) -> Callable[[], None] | None:
+        if self.on_accounts is None:
+            return None
+        usage = account_usage(book)
+        return self.on_accounts(conn, usage) if len(usage.accounts) else None
 
     def _pause(self, stage: str) -> None:
         if self._test_pause:
@@ -474,6 +505,24 @@ class Aggregator:
             conn, "usage_marks", columns=columns, keys=columns[:2], rows=rows,
             merge={c: f"excluded.{c}" for c in columns[2:]},
         )  # fmt: skip
+
+
+def account_usage(book: Book) -> AccountUsage:
+    """The usage of the accounts whose state the cycle changed, in their latest month."""
+    idx = np.nonzero(book.dirty_state[: book.size])[0]
+    idx = idx[book.codes[idx] % 4 == ACCOUNT]
+    month = book.rows[UNITS.index(Unit.MONTH), idx]
+    counted = book.state[idx, S_COUNTERS] - month[:, R_COUNTERS0]
+    c = {name: i for i, name in enumerate(COUNTERS)}
+    usage = np.column_stack(
+        [
+            np.maximum(month[:, R_PEAK], 0),
+            np.maximum(month[:, R_CH_PEAK], 0),
+            counted[:, c["pub_n"]] + counted[:, c["del_n"]],
+            counted[:, c["pub_b"]] + counted[:, c["del_b"]],
+        ]
+    )
+    return AccountUsage(book.codes[idx] // 4, month[:, R_START].copy(), usage.astype(np.int64))
 
 
 def _take_all(folder: Folder, second: int, values: source.Values) -> None:

@@ -1,0 +1,1 @@
+"""Package limits: levels, staff alerts (an outbox), enforcement and admission."""

@@ -1,0 +1,102 @@
+"""The admission state mirrored to the primary Redis, and its pub/sub notices.
+
+Postgres (``account_admission``) is the record; gateways read this copy. Keys are in the global
+hash-tag group ``{<prefix>}``:
+
+- ``{p}:admission`` (hash): account id -> ``"<connections hard> <channels hard> <month> <by>"``,
+  ``-`` for none: what gateways enforce for the account (only accounts with something to
+  enforce have a field).
+- ``{p}:admission:live`` (hash): account id -> ``"<connections> <channels>"``: the live counts
+  at the last tick of the enforced accounts within reach of a hard limit (at least half of it);
+  an enforced account not listed is below half of each of its hard limits.
+- ``{p}:admission:notices`` (pub/sub channel): ``limits`` after ``admission`` changed,
+  ``live`` after a tick rewrote ``admission:live``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from metering.core.redis import Redis
+from metering.limits.repository import AdmissionRow
+
+LIMITS_NOTICE = "limits"
+LIVE_NOTICE = "live"
+_CHUNK = 10_000
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def encode_row(row: AdmissionRow) -> str:
+    parts = (
+        row.connections_hard,
+        row.channels_hard,
+        row.publish_blocked_month,
+        row.publish_blocked_by,
+    )
+    return " ".join("-" if p is None else str(p) for p in parts)
+
+
+def decode_row(value: Any) -> AdmissionRow:
+    c, ch, month, by = _s(value).split(" ")
+    return AdmissionRow(
+        None if c == "-" else int(c),
+        None if ch == "-" else int(ch),
+        None if month == "-" else month,
+        None if by == "-" else by,
+    )
+
+
+class AdmissionStore:
+    def __init__(self, client: Redis, prefix: str) -> None:
+        self.client = client
+        self.key = f"{{{prefix}}}:admission"
+        self.live_key = f"{{{prefix}}}:admission:live"
+        self.notices = f"{{{prefix}}}:admission:notices"
+
+    def write(self, rows: Mapping[int, AdmissionRow], *, replace: bool = False) -> None:
+        """Mirror the accounts' rows (an empty one removes the account), then notify; with
+        ``replace``, ``rows`` is every account there is (the periodic sync heals an emptied
+        or drifted copy)."""
+        pipe = self.client.pipeline(transaction=True)
+        if replace:
+            stale = {int(_s(a)) for a in self.client.hkeys(self.key)} - {
+                a for a, r in rows.items() if not r.empty
+            }
+            for start in range(0, len(stale), _CHUNK):
+                pipe.hdel(self.key, *[str(a) for a in list(stale)[start : start + _CHUNK]])
+        keep = {str(a): encode_row(r) for a, r in rows.items() if not r.empty}
+        drop = [str(a) for a, r in rows.items() if r.empty]
+        items = list(keep.items())
+        for start in range(0, len(items), _CHUNK):
+            pipe.hset(self.key, mapping=dict(items[start : start + _CHUNK]))
+        for start in range(0, len(drop), _CHUNK):
+            pipe.hdel(self.key, *drop[start : start + _CHUNK])
+        pipe.publish(self.notices, LIMITS_NOTICE)
+        pipe.execute()
+
+    def read(self) -> dict[int, AdmissionRow]:
+        return {int(_s(k)): decode_row(v) for k, v in self.client.hgetall(self.key).items()}
+
+    def write_live(self, values: Mapping[int, tuple[int, int] | None]) -> None:
+        """Set (or, for None, remove) accounts' live counts, then notify: gateways re-read."""
+        pipe = self.client.pipeline(transaction=True)
+        keep = {str(a): f"{v[0]} {v[1]}" for a, v in values.items() if v is not None}
+        drop = [str(a) for a, v in values.items() if v is None]
+        items = list(keep.items())
+        for start in range(0, len(items), _CHUNK):
+            pipe.hset(self.live_key, mapping=dict(items[start : start + _CHUNK]))
+        for start in range(0, len(drop), _CHUNK):
+            pipe.hdel(self.live_key, *drop[start : start + _CHUNK])
+        pipe.publish(self.notices, LIVE_NOTICE)
+        pipe.execute()
+
+    def read_live(self) -> dict[int, tuple[int, int]]:
+        out = {}
+        for k, v in self.client.hgetall(self.live_key).items():
+            conns, channels = _s(v).split(" ")
+            out[int(_s(k))] = (int(conns), int(channels))
+        return out
