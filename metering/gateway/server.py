@@ -35,8 +35,10 @@ from metering.accounts.store import RegistryStore
 from metering.core import redis as redis_clients
 from metering.core.logging import get_logger
 from metering.core.settings import Settings
+from metering.gateway.admission import Admission
 from metering.gateway.registry import AppRegistry
 from metering.gateway.sdk import Meter
+from metering.limits.store import AdmissionStore
 from metering.live.store import DatacenterStore, Transport
 
 log = get_logger(__name__)
@@ -110,6 +112,7 @@ class _Connection:
     """One realtime connection on this gateway and the frames waiting to be written to it."""
 
     __slots__ = (
+        "account",
         "app",
         "channels",
         "close_code",
@@ -121,9 +124,10 @@ class _Connection:
         "writer",
     )
 
-    def __init__(self, app: str, transport: Transport) -> None:
+    def __init__(self, app: str, account: int, transport: Transport) -> None:
         self.id = secrets.token_urlsafe(12)
         self.app = app
+        self.account = account
         self.transport = transport
         self.channels: set[str] = set()
         self.queue: asyncio.Queue[str] = asyncio.Queue(QUEUE_FRAMES)
@@ -168,10 +172,12 @@ class Gateway:
         settings: Settings,
         *,
         heartbeat: float = HEARTBEAT,
+        admission: Admission | None = None,
     ) -> None:
         self.meter = meter
         self.registry = registry
         self.settings = settings
+        self.admission = admission
         self.heartbeat = heartbeat
         self.connections: set[_Connection] = set()
         self.subscriptions: dict[tuple[str, str], set[_Connection]] = {}
@@ -206,6 +212,12 @@ class Gateway:
             raise Rejected(
                 BAD_CHANNEL, f"too many channels attached on one connection (max {limit})"
             )
+        subscribers = self.subscriptions.get((conn.app, channel))
+        if not subscribers and self.admission is not None:
+            # A channel new here may be a channel new to the account: one more active.
+            refusal = self.admission.admit_channel(conn.account)
+            if refusal is not None:
+                raise Rejected(refusal.code, refusal.reason, status=403)
         conn.channels.add(channel)
         self.subscriptions.setdefault((conn.app, channel), set()).add(conn)
         self.meter.channel_attached(conn.app, channel)
@@ -266,15 +278,28 @@ class Gateway:
             )
         return channel, data, nbytes
 
-    async def _admit(self, app: str) -> JSONResponse | None:
-        """The refusal of a realtime connection or a publish for ``app``, if any."""
+    async def _admit(self, app: str, *, connect: bool = False) -> JSONResponse | int:
+        """The app's account, or the refusal of a realtime connection (``connect``) or a
+        publish for ``app``. A connection refused by the account's limits is counted."""
         if self.closing:
             return error_response(503, SHUTTING_DOWN, "gateway shutting down")
         if not app:
             return error_response(400, BAD_REQUEST, "missing app (?app=APP_ID)")
-        if await self.registry.resolve(app) is None:
+        account = await self.registry.resolve(app)
+        if account is None:
             return error_response(404, UNKNOWN_APP, f"unknown app {app[:64]}")
-        return None
+        if connect and self.admission is not None:
+            refusal = self.admission.admit_connection(account)
+            if refusal is not None:
+                self.meter.connection_refused(app)
+                return error_response(403, refusal.code, refusal.reason)
+        return account
+
+    def _may_publish(self, account: int) -> None:
+        if self.admission is not None:
+            refusal = self.admission.admit_message(account)
+            if refusal is not None:
+                raise Rejected(refusal.code, refusal.reason, status=403)
 
     # -- running a connection ---------------------------------------------------------------
 
@@ -319,15 +344,15 @@ class Gateway:
 
     async def realtime(self, websocket: WebSocket) -> None:
         app = websocket.query_params.get("app", "")
-        denial = await self._admit(app)
-        if denial is not None:
+        denial = await self._admit(app, connect=True)
+        if not isinstance(denial, int):
             if "websocket.http.response" in websocket.scope.get("extensions", {}):
                 await websocket.send_denial_response(denial)
             else:
                 await websocket.close(POLICY_VIOLATION)  # the handshake fails with a 403
             return
         await websocket.accept()
-        conn = _Connection(app, Transport.WEBSOCKET)
+        conn = _Connection(app, denial, Transport.WEBSOCKET)
         self._open(conn)
         try:
             conn.send(encode({"action": "connected", "connectionId": conn.id}))
@@ -364,6 +389,7 @@ class Gateway:
         action = frame.get("action")
         if action == "publish":
             channel, data, nbytes = self._message(frame)
+            self._may_publish(conn.account)
             self._publish(conn.app, channel, data, nbytes)
             return encode({"action": "published", "channel": channel})
         if action == "attach":
@@ -381,9 +407,9 @@ class Gateway:
 
     async def stream(self, request: Request) -> Response:
         app = request.query_params.get("app", "")
-        denial = await self._admit(app)
-        if denial is not None:
-            return denial
+        account = await self._admit(app, connect=True)
+        if not isinstance(account, int):
+            return account
         try:
             channels = [self._channel(c) for c in request.query_params.getlist("channel")]
         except Rejected as exc:
@@ -393,7 +419,7 @@ class Gateway:
         if len(channels) > limit:
             message = f"too many channels on one stream (max {limit})"
             return error_response(400, BAD_CHANNEL, message)
-        return _EventStream(self, app, channels)
+        return _EventStream(self, app, account, channels)
 
     async def _watch(self, receive: Receive, conn: _Connection) -> None:
         """Until the client goes away, with a heartbeat comment now and then."""
@@ -419,15 +445,16 @@ class Gateway:
         all the messages are published, or (on any error) none.
         """
         app: str = request.path_params["app_id"]
-        denial = await self._admit(app)
-        if denial is not None:
-            return denial
+        account = await self._admit(app)
+        if not isinstance(account, int):
+            return account
         body = await self._read_body(request)
         if body is None:
             return error_response(413, TOO_LARGE, "request body too large")
         try:
             parsed = _parse(body)
             messages = [self._message(m) for m in self._batch(parsed)]
+            self._may_publish(account)
         except Rejected as exc:
             return error_response(exc.status, exc.code, exc.message)
         delivered = [self._publish(app, *message) for message in messages]
@@ -483,13 +510,14 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, gateway: Gateway, app: str, channels: list[str]) -> None:
+    def __init__(self, gateway: Gateway, app: str, account: int, channels: list[str]) -> None:
         # Not Response.__init__: a stream has no body, hence no content-length.
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
         self.gateway = gateway
         self.app = app
+        self.account = account
         self.channels = channels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -499,7 +527,7 @@ class _EventStream(Response):
         async def write(chunk: str) -> None:
             await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
 
-        conn = _Connection(self.app, Transport.STREAMING)
+        conn = _Connection(self.app, self.account, Transport.STREAMING)
         gateway._open(conn)
         try:
             for channel in self.channels:
@@ -507,6 +535,10 @@ class _EventStream(Response):
             hello = {"action": "connected", "connectionId": conn.id, "channels": self.channels}
             conn.send(_sse("connected", encode(hello)))
             await gateway._serve(conn, gateway._watch(receive, conn), write)
+        except Rejected as exc:  # a channel refused by the account's limits: say so, and end
+            conn.stop(POLICY_VIOLATION, exc.message)
+            with contextlib.suppress(OSError, RuntimeError):
+                await write(_sse("error", _error_frame(exc.code, exc.message)))
         finally:
             gateway._close(conn)
         if conn.close_code is not None:  # ended by the gateway: finish the response cleanly
@@ -520,14 +552,19 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 
 def create_gateway_app(
-    meter: Meter, registry: AppRegistry, settings: Settings, *, heartbeat: float = HEARTBEAT
+    meter: Meter,
+    registry: AppRegistry,
+    settings: Settings,
+    *,
+    heartbeat: float = HEARTBEAT,
+    admission: Admission | None = None,
 ) -> Starlette:
     """The gateway's ASGI app (its :class:`Gateway` is ``app.state.gateway``).
 
     Serve it with :func:`serve_gateway`, which also closes the event streams on shutdown;
     under a plain uvicorn, call ``await app.state.gateway.drain()`` before it stops.
     """
-    gateway = Gateway(meter, registry, settings, heartbeat=heartbeat)
+    gateway = Gateway(meter, registry, settings, heartbeat=heartbeat, admission=admission)
     app = Starlette(
         routes=[
             WebSocketRoute("/v1/realtime", gateway.realtime),
@@ -571,6 +608,17 @@ def build_registry(settings: Settings) -> AppRegistry:
     """An AppRegistry over the primary Redis's copy of the registry (not started)."""
     store = RegistryStore(redis_clients.sync_client(settings.redis_url), settings.redis_prefix)
     return AppRegistry(store, refresh_interval=settings.registry_refresh_interval.total_seconds())
+
+
+def build_admission(settings: Settings) -> Admission:
+    """The gateway's admission copy over the primary Redis (not started)."""
+    store = AdmissionStore(redis_clients.sync_client(settings.redis_url), settings.redis_prefix)
+    return Admission(
+        store,
+        fail_open=settings.admission_fail_open,
+        refresh_interval=settings.admission_refresh_interval.total_seconds(),
+        stale_after=settings.admission_stale_after.total_seconds(),
+    )
 
 
 class _DenialLogFilter(logging.Filter):
@@ -634,15 +682,16 @@ async def serve_gateway(
     datacenter: str,
     meter: Meter | None = None,
     registry: AppRegistry | None = None,
+    admission: Admission | None = None,
     heartbeat: float = HEARTBEAT,
     on_ready: Callable[[str, int], None] | None = None,
 ) -> None:
     """Run the gateway until it is cancelled, or a signal or superseded meter stops it.
 
-    A meter or registry given is the caller's to start and close; those built here are started
-    here and closed when the server stops (the meter's close deregisters it: its counts go at
-    once). ``on_ready(host, port)`` is called once it listens (``port`` as bound, for 0).
-    Raises :class:`GatewayStartupError` if it cannot listen.
+    A meter, registry or admission given is the caller's to start and close; those built here
+    are started here and closed when the server stops (the meter's close deregisters it: its
+    counts go at once). ``on_ready(host, port)`` is called once it listens (``port`` as
+    bound, for 0). Raises :class:`GatewayStartupError` if it cannot listen.
     """
     stopper = _Stopper()
     owned: list[Callable[[], None]] = []
@@ -657,7 +706,13 @@ async def serve_gateway(
             registry = build_registry(settings)
             await asyncio.to_thread(registry.start)
             owned.append(registry.close)
-        app = create_gateway_app(meter, registry, settings, heartbeat=heartbeat)
+        if admission is None:
+            admission = build_admission(settings)
+            await asyncio.to_thread(admission.start)
+            owned.append(admission.close)
+        app = create_gateway_app(
+            meter, registry, settings, heartbeat=heartbeat, admission=admission
+        )
         config = uvicorn.Config(
             app,
             host=host,
