@@ -6,7 +6,9 @@ holds logic of its own.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ from metering.accounts.registry import sync_registry as _sync_registry
 from metering.accounts.store import RegistryStore
 from metering.core import database
 from metering.core import redis as redis_clients
+from metering.core.logging import get_logger
 from metering.core.settings import get_settings
 from metering.limits import wiring as limits_wiring
 from metering.live import service as live
@@ -21,6 +24,8 @@ from metering.live.wiring import datacenter_stores, global_store
 from metering.rollups import retention as rollup_retention
 from metering.rollups import service as rollups
 from metering.rollups.periods import Unit
+
+log = get_logger(__name__)
 
 
 def tick() -> dict[str, Any]:
@@ -75,7 +80,19 @@ def dispatch(delivery_ids: list[int]) -> None:
 DELIVER = "metering.limits.deliver"
 
 
+# Tests only: hold each delivery (and sweep) this long before it claims anything, so that a test
+# can kill the worker between an alert's commit and its send (tests/limits/test_enforcement_e2e.py).
+_TEST_PAUSE = float(os.environ.get("METERING_TEST_DELIVERY_PAUSE", "0") or 0)
+
+
+def _test_pause(**where: object) -> None:
+    if _TEST_PAUSE:
+        log.info("limits.test_pause", stage="before_send", **where)
+        time.sleep(_TEST_PAUSE)
+
+
 def deliver(delivery_id: int) -> dict[str, Any]:
+    _test_pause(delivery=delivery_id)
     outcome = limits_wiring.deliver(get_settings(), database.get_engine(), delivery_id)
     return {
         "delivery": delivery_id,
@@ -86,6 +103,7 @@ def deliver(delivery_id: int) -> dict[str, Any]:
 
 
 def sweep_deliveries() -> dict[str, Any]:
+    _test_pause(sweep=True)
     result = limits_wiring.sweep(get_settings(), database.get_engine())
     return {"sent": result.sent, "retried": result.retried, "failed": result.failed}
 
