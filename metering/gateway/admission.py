@@ -8,9 +8,9 @@ keeps a copy here, re-read at once on a pub/sub notice (a staff change, each tic
 ``refresh_interval`` in any case.
 
 Between two ticks the copy's live counts do not move, so a burst could run past the limit
-for a whole second: each decision also adds what *this* gateway accepted since the copy was
-read. An enforced account missing from the live counts is below half of its hard limit, so
-up to half of it may be accepted here before the next tick says more.
+for a whole second: each decision also adds what *this* gateway opened (less what it closed)
+since the copy was read. An enforced account missing from the live counts is below half of
+its hard limit, so up to half of it may be accepted here before the next tick says more.
 
 If the copy cannot be refreshed for ``stale_after`` (Redis unreachable), the gateway lets
 everything in (``fail_open``, the default) or refuses everything with ``UNAVAILABLE``.
@@ -82,7 +82,7 @@ class Admission:
         # Replaced whole by the refresh thread, never mutated there.
         self._rows: dict[int, AdmissionRow] = {}
         self._live: dict[int, tuple[int, int]] = {}
-        # Accepted here since ``_live`` was read: replaced (reset) with each new copy.
+        # Opened less closed here since ``_live`` was read: replaced (reset) with each new copy.
         self._connections: dict[int, int] = {}
         self._channels: dict[int, int] = {}
         self._fresh_at = clock()
@@ -117,6 +117,17 @@ class Admission:
                 return self._unless_stale(_CHANNELS)
             self._channels[account] = self._channels.get(account, 0) + 1
         return self._stale_refusal()
+
+    def connection_closed(self, account: int) -> None:
+        """A connection of ``account`` closed here: one fewer than the copy's count says
+        (whether it opened before the copy or after, the copy does not know of its close)."""
+        if account in self._rows:
+            self._connections[account] = self._connections.get(account, 0) - 1
+
+    def channel_released(self, account: int) -> None:
+        """A channel of ``account`` has no connection attached here any more."""
+        if account in self._rows:
+            self._channels[account] = self._channels.get(account, 0) - 1
 
     def admit_message(self, account: int) -> Refusal | None:
         """None to let ``account`` publish, or why not (the month's messages or data)."""

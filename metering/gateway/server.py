@@ -203,6 +203,8 @@ class Gateway:
         if not self.connections:
             self._idle.set()
         self.meter.connection_closed(conn.app, conn.transport)
+        if self.admission is not None:
+            self.admission.connection_closed(conn.account)
 
     def _attach(self, conn: _Connection, channel: str) -> None:
         if channel in conn.channels:
@@ -232,6 +234,8 @@ class Gateway:
             subscribers.discard(conn)
             if not subscribers:
                 del self.subscriptions[key]
+                if self.admission is not None:
+                    self.admission.channel_released(conn.account)
         self.meter.channel_detached(conn.app, channel)
 
     def _publish(self, app: str, channel: str, data: str, nbytes: int) -> int:

@@ -49,6 +49,8 @@ def test_connections_are_refused_at_the_hard_limit_and_let_in_below_it(
     adm.refresh()
     # 8 open at the last tick: two more here, then refused until the next copy.
     assert codes(adm.admit_connection, 3) == [None, None, CONNECTIONS_EXCEEDED]
+    adm.connection_closed(ACCOUNT)  # one closed here: room for one, not more
+    assert codes(adm.admit_connection, 2) == [None, CONNECTIONS_EXCEEDED]
     store.write_live({ACCOUNT: (10, 0)})
     adm.refresh(rows=False)
     assert codes(adm.admit_connection, 1) == [CONNECTIONS_EXCEEDED]
