@@ -34,8 +34,10 @@ from workers.schedule import Periodic, periodic_tasks
 
 log = get_logger(__name__)
 DEMO_NAME = "demo"
-# Local and cheap in the embedded default: new apps reach the gateway within seconds.
+# Local and cheap in the embedded default: new apps, and what a `metering` command changed in
+# the limits (it cannot reach this process's in-process Redis), reach the gateway within seconds.
 EMBEDDED_REGISTRY_SYNC = 2.0
+EMBEDDED_SYNCS = ("metering.accounts.sync_registry", "metering.limits.sync_admission")
 
 
 class Scheduler:
@@ -105,7 +107,7 @@ def run_embedded(settings: Settings, *, api_port: int, gateway_port: int) -> Non
 
     entries = [
         Periodic(e.task, min(e.every, EMBEDDED_REGISTRY_SYNC), e.options)
-        if e.task == "metering.accounts.sync_registry"
+        if e.task in EMBEDDED_SYNCS
         else e
         for e in periodic_tasks(settings)
     ]
