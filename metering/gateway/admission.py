@@ -86,6 +86,7 @@ class Admission:
         self._connections: dict[int, int] = {}
         self._channels: dict[int, int] = {}
         self._fresh_at = clock()
+        self._version: int | None = None
         self._month = datetime.now(UTC).strftime("%Y-%m")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,9 +155,12 @@ class Admission:
     # -- keeping the copy ---------------------------------------------------------------
 
     def refresh(self, *, rows: bool = True) -> None:
-        """Read the copy from Redis (``rows``: the limits too, not only the live counts)."""
+        """Read the copy from Redis (``rows``: the limits too, not only the live counts; they
+        are read whole only when their version moved)."""
         if rows:
-            self._rows = self.store.read()
+            self._version, changed = self.store.read_if_changed(self._version)
+            if changed is not None:
+                self._rows = changed
         self._live = self.store.read_live()
         self._connections = {}
         self._channels = {}

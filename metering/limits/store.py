@@ -9,6 +9,8 @@ hash-tag group ``{<prefix>}``:
 - ``{p}:admission:live`` (hash): account id -> ``"<connections> <channels>"``: the live counts
   at the last tick of the enforced accounts within reach of a hard limit (at least half of it);
   an enforced account not listed is below half of each of its hard limits.
+- ``{p}:admission:version`` (string): incremented with every write of ``admission``, so that a
+  reader re-reads the hash only when it changed.
 - ``{p}:admission:notices`` (pub/sub channel): ``limits`` after ``admission`` changed,
   ``live`` after a tick rewrote ``admission:live``.
 """
@@ -56,6 +58,7 @@ class AdmissionStore:
         self.key = f"{{{prefix}}}:admission"
         self.live_key = f"{{{prefix}}}:admission:live"
         self.notices = f"{{{prefix}}}:admission:notices"
+        self.version_key = f"{{{prefix}}}:admission:version"
 
     def write(self, rows: Mapping[int, AdmissionRow], *, replace: bool = False) -> None:
         """Mirror the accounts' rows (an empty one removes the account), then notify; with
@@ -75,11 +78,23 @@ class AdmissionStore:
             pipe.hset(self.key, mapping=dict(items[start : start + _CHUNK]))
         for start in range(0, len(drop), _CHUNK):
             pipe.hdel(self.key, *drop[start : start + _CHUNK])
+        pipe.incr(self.version_key)
         pipe.publish(self.notices, LIMITS_NOTICE)
         pipe.execute()
 
     def read(self) -> dict[int, AdmissionRow]:
-        return {int(_s(k)): decode_row(v) for k, v in self.client.hgetall(self.key).items()}
+        return self.read_if_changed(None)[1] or {}
+
+    def read_if_changed(self, known: int | None) -> tuple[int, dict[int, AdmissionRow] | None]:
+        """The version, and the rows unless the version is still ``known`` (then None)."""
+        version = int(self.client.get(self.version_key) or 0)
+        if known is not None and version == known:
+            return version, None
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.version_key)
+        pipe.hgetall(self.key)
+        version_raw, rows = pipe.execute()
+        return int(version_raw or 0), {int(_s(k)): decode_row(v) for k, v in rows.items()}
 
     def write_live(self, values: Mapping[int, tuple[int, int] | None]) -> None:
         """Set (or, for None, remove) accounts' live counts, then notify: gateways re-read."""

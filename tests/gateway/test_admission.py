@@ -123,3 +123,12 @@ def test_a_copy_that_cannot_be_refreshed_fails_open_or_closed(
     expected = None if fail_open else UNAVAILABLE
     assert codes(adm.admit_connection, 1) == [expected]
     assert [None if (r := adm.admit_message(ACCOUNT + 1)) is None else r.code] == [expected]
+
+
+def test_the_limits_are_read_whole_only_when_their_version_moved(store: AdmissionStore) -> None:
+    store.write({ACCOUNT: AdmissionRow(connections_hard=3)})
+    version, rows = store.read_if_changed(None)
+    assert rows == {ACCOUNT: AdmissionRow(connections_hard=3)}
+    assert store.read_if_changed(version) == (version, None)  # unchanged: not read again
+    store.write({ACCOUNT: AdmissionRow()})
+    assert store.read_if_changed(version) == (version + 1, {})
