@@ -244,11 +244,14 @@ class LiveLimits:
         self.after = after
         self.refresh = refresh
         self._admission: dict[int, AdmissionRow] = {}
+        self._version: int | None = None
         self._loaded_at = 0.0
 
     def _enforced(self) -> dict[int, AdmissionRow]:
         if time.monotonic() - self._loaded_at > self.refresh:
-            self._admission = self.store.read()
+            self._version, rows = self.store.read_if_changed(self._version)
+            if rows is not None:
+                self._admission = rows
             self._loaded_at = time.monotonic()
         return self._admission
 
