@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
@@ -28,10 +28,14 @@ db_app = typer.Typer(help="The database.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Accounts.", no_args_is_help=True)
 apps_app = typer.Typer(help="Apps (each belongs to one account).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (each belongs to one app).", no_args_is_help=True)
+packages_app = typer.Typer(help="Packages (quotas and hard limits).", no_args_is_help=True)
+alerts_app = typer.Typer(help="Limit alerts sent to staff.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(apps_app, name="apps")
 app.add_typer(keys_app, name="keys")
+app.add_typer(packages_app, name="packages")
+app.add_typer(alerts_app, name="alerts")
 
 
 @app.callback()
@@ -42,6 +46,12 @@ def _root() -> None:
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+ByOption = Annotated[
+    str | None,
+    typer.Option("--by", help="Who makes the change, as recorded (default: your OS user)."),
+]
+# Ids are 32-bit integer columns: a larger one names nothing (and Postgres refuses to compare).
+_MAX_ID = 2**31 - 1
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -169,7 +179,7 @@ def keys_create(
     permission: Annotated[
         list[str],
         typer.Option(
-            "--permission", "-p", help="platform, stats, admission or billing (repeatable)."
+            "--permission", "-p", help="platform, stats, admission, billing or staff (repeatable)."
         ),
     ],
     label: Annotated[str | None, typer.Option(help="A note to tell keys apart.")] = None,
@@ -189,6 +199,375 @@ def keys_create(
         as_json,
         f"key {key.id} for app {key.app_id} ({', '.join(key.permissions)}):\n{key.key}\n"
         "Store it now: it cannot be shown again.",
+    )
+
+
+def _by(by: str | None) -> str:
+    """Who makes a change: ``--by``, else the OS user."""
+    import getpass  # noqa: PLC0415
+
+    if by is None:
+        try:
+            by = getpass.getuser()
+        except (KeyError, OSError):  # no name for this uid (a bare container)
+            raise MeteringError("cannot tell who you are: give --by NAME") from None
+    by = by.strip()
+    if not by or len(by) > 200:
+        raise MeteringError("--by must be 1 to 200 characters")
+    return by
+
+
+def _publish_admission(rows: Mapping[int, Any]) -> None:
+    """Mirror a committed change's admission rows to Redis: gateways apply them at once."""
+    from metering.core import redis as redis_clients  # noqa: PLC0415
+    from metering.limits.store import AdmissionStore  # noqa: PLC0415
+
+    settings = _settings()
+    if settings.embedded or not rows:
+        return  # the running engine's periodic admission sync picks it up from the database
+    try:
+        AdmissionStore(redis_clients.primary(), settings.redis_prefix).write(rows)
+    except redis.RedisError as exc:
+        typer.echo(
+            f"warning: Redis unavailable ({exc}); the admission sync will mirror the change "
+            f"within {settings.registry_refresh_interval.total_seconds():.0f} s",
+            err=True,
+        )
+
+
+def _account_id(account_id: int) -> int:
+    if not 0 < account_id <= _MAX_ID:
+        raise NotFoundError(f"account {account_id} does not exist", code="ACCOUNT_NOT_FOUND")
+    return account_id
+
+
+def _emit_list(items: list[Any], as_json: bool, text: str) -> None:
+    if as_json:
+        typer.echo(json.dumps([i.model_dump(mode="json", by_alias=True) for i in items]))
+    else:
+        typer.echo(text)
+
+
+def _table(headings: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headings)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in (headings, *rows)
+    )
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# -- packages ------------------------------------------------------------------------------
+
+
+@packages_app.command("create")
+def packages_create(
+    name: str,
+    limit: Annotated[
+        list[str],
+        typer.Option(
+            "--limit",
+            help="METRIC=QUOTA[:HARD], metric one of connections, channels, messages, data; "
+            "HARD defaults to 2.5 x QUOTA, rounded up (repeatable).",
+        ),
+    ],
+    notify_only: Annotated[
+        bool,
+        typer.Option("--notify-only", help="At the hard limit, only notify staff: never reject."),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a package with a quota and a hard limit per metric."""
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    def run() -> Any:
+        # Every limit is checked before the database is touched.
+        limits: dict[str, tuple[int, int | None]] = {}
+        for text in limit:
+            metric, quota, hard = staff.parse_limit(text)
+            if metric in limits:
+                raise MeteringError(f"{metric}: given twice")
+            limits[metric] = (quota, hard)
+        with unit_of_work() as session:
+            return staff.create_package(session, name, limits, enforce_hard=not notify_only)
+
+    package = _guard(run)
+    lines = [f"package {package.id} created: {package.name}"]
+    lines += [
+        f"  {metric:<12} quota {lim.quota}, hard limit {lim.hard_limit}"
+        for metric, lim in package.limits.items()
+    ]
+    lines.append(f"  at the hard limit: {_hard_action(package.enforce_hard)}")
+    _emit(package, as_json, "\n".join(lines))
+
+
+def _hard_action(enforce_hard: bool) -> str:
+    return "reject and notify staff" if enforce_hard else "notify staff only"
+
+
+@packages_app.command("list")
+def packages_list(as_json: JsonOption = False) -> None:
+    """Every package and its limits (quota / hard limit per metric)."""
+    from metering.accounts.models import METRICS  # noqa: PLC0415
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    def run() -> list[Any]:
+        with unit_of_work() as session:
+            return staff.list_packages(session)
+
+    packages = _guard(run)
+    if not packages:
+        text = "no packages"
+    else:
+        rows = [
+            [
+                str(p.id),
+                p.name,
+                "reject" if p.enforce_hard else "notify",
+                *(
+                    f"{p.limits[m].quota} / {p.limits[m].hard_limit}" if m in p.limits else "-"
+                    for m in METRICS
+                ),
+                _when(p.created_at),
+            ]
+            for p in packages
+        ]
+        headings = ["id", "name", "at hard", *METRICS, "created"]
+        text = _table(headings, rows) + "\n(per metric: quota / hard limit)"
+    _emit_list(packages, as_json, text)
+
+
+# -- an account's package, override and admission ------------------------------------------
+
+
+@accounts_app.command("set-package")
+def accounts_set_package(
+    account_id: int,
+    package: Annotated[str, typer.Argument(help="A package's name or id; `none`: no package.")],
+    by: ByOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Put an account on a package (or on none); what gateways enforce changes at once."""
+    from sqlalchemy.exc import DataError  # noqa: PLC0415
+
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    ref = None if package.strip().lower() == "none" else package
+
+    def run() -> Any:
+        who = _by(by)
+        _account_id(account_id)
+        try:
+            with unit_of_work() as session:
+                return staff.set_package(session, account_id, ref, by=who)
+        except DataError:
+            # find_package tries an all-digit reference as an id: one past the id column's
+            # range is no package either.
+            raise NotFoundError(f"no package {package!r}", code="PACKAGE_NOT_FOUND") from None
+
+    change = _guard(run)
+    _publish_admission(change.admission)
+    out = change.result
+    on = "no package" if out.package is None else f"package {out.package} (id {out.package_id})"
+    _emit(out, as_json, f"account {account_id} is on {on} now")
+
+
+@accounts_app.command("override")
+def accounts_override(
+    account_id: int,
+    reason: Annotated[str, typer.Option(help="Why (recorded; shown to staff).")],
+    until: Annotated[
+        str | None,
+        typer.Option(help="ISO 8601 with a time zone (2026-12-01T00:00Z); default: until cleared."),
+    ] = None,
+    by: ByOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Lift every rejection of an account (alerts still go to staff)."""
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    def run() -> Any:
+        who = _by(by)
+        end = None
+        if until is not None:
+            try:
+                end = datetime.fromisoformat(until.strip())
+            except ValueError:
+                raise MeteringError(
+                    f"--until must be an ISO 8601 time with a time zone "
+                    f"(e.g. 2026-12-01T00:00:00Z), got {until!r}"
+                ) from None
+        _account_id(account_id)
+        with unit_of_work() as session:
+            return staff.set_override(session, account_id, reason=reason, by=who, until=end)
+
+    change = _guard(run)
+    _publish_admission(change.admission)
+    out = change.result
+    held = "until cleared" if out.until is None else f"until {_when(out.until)}"
+    _emit(
+        out,
+        as_json,
+        f"account {account_id}: nothing is rejected {held} (by {out.created_by}: {out.reason})",
+    )
+
+
+@accounts_app.command("clear-override")
+def accounts_clear_override(account_id: int) -> None:
+    """Remove an account's override: its package's limits apply again at once."""
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    def run() -> Any:
+        _account_id(account_id)
+        with unit_of_work() as session:
+            return staff.clear_override(session, account_id)
+
+    change = _guard(run)
+    _publish_admission(change.admission)
+    typer.echo(f"account {account_id}: override removed")
+
+
+@accounts_app.command("admission")
+def accounts_admission(account_id: int, as_json: JsonOption = False) -> None:
+    """What gateways enforce for an account now."""
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    def run() -> Any:
+        _account_id(account_id)
+        with unit_of_work() as session:
+            return staff.admission(session, account_id)
+
+    out = _guard(run)
+    _emit(out, as_json, _admission_text(out))
+
+
+def _admission_text(out: Any) -> str:
+    if out.override is not None:
+        o = out.override
+        held = "until cleared" if o.until is None else f"until {_when(o.until)}"
+        override = f"nothing rejected {held} (by {o.created_by}: {o.reason})"
+    else:
+        override = "none"
+    lines = [
+        (
+            "connections",
+            "not limited"
+            if out.connections_hard is None
+            else f"new ones refused at {out.connections_hard} live",
+        ),
+        (
+            "channels",
+            "not limited"
+            if out.channels_hard is None
+            else f"new ones refused at {out.channels_hard} active",
+        ),
+        (
+            "publishing",
+            "allowed"
+            if out.publish_blocked_month is None
+            else f"refused in {out.publish_blocked_month} "
+            f"(monthly {out.publish_blocked_by} hard limit passed)",
+        ),
+        ("override", override),
+    ]
+    return "\n".join([f"account {out.account_id}"] + [f"  {k:<12} {v}" for k, v in lines])
+
+
+# -- alerts --------------------------------------------------------------------------------
+
+
+@alerts_app.command("list")
+def alerts_list(
+    account: Annotated[int | None, typer.Option(help="Only this account's alerts.")] = None,
+    month: Annotated[str | None, typer.Option(help="Only this UTC month (YYYY-MM).")] = None,
+    unacknowledged: Annotated[
+        bool, typer.Option("--unacknowledged", help="Only alerts no one acknowledged yet.")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="At most this many (1 to 1000).")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """Limit alerts, newest first, with each channel's delivery status."""
+    from metering.accounts.repository import AccountRepository  # noqa: PLC0415
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    def run() -> list[Any]:
+        with unit_of_work() as session:
+            if (
+                account is not None
+                and AccountRepository(session).account(_account_id(account)) is None
+            ):
+                raise NotFoundError(f"account {account} does not exist", code="ACCOUNT_NOT_FOUND")
+            return staff.list_alerts(
+                session,
+                account_id=account,
+                month=month,
+                unacknowledged=unacknowledged,
+                limit=limit,
+            )
+
+    alerts = _guard(run)
+    if not alerts:
+        text = "no alerts"
+    else:
+        rows = [
+            [
+                str(a.id),
+                str(a.account_id),
+                a.month,
+                a.metric,
+                a.level,
+                f"{a.usage} / {a.threshold}",
+                _when(a.detected_at),
+                "-"
+                if a.acknowledged_at is None
+                else f"{_when(a.acknowledged_at)} by {a.acknowledged_by}",
+                " ".join(f"{c}:{s}" for c, s in sorted(a.deliveries.items())) or "-",
+            ]
+            for a in alerts
+        ]
+        headings = [
+            "id", "account", "month", "metric", "level", "usage / threshold", "detected",
+            "acknowledged", "deliveries",
+        ]  # fmt: skip
+        text = _table(headings, rows)
+    _emit_list(alerts, as_json, text)
+
+
+@alerts_app.command("ack")
+def alerts_ack(alert_id: int, by: ByOption = None, as_json: JsonOption = False) -> None:
+    """Acknowledge an alert (one acknowledged already keeps its first acknowledgement)."""
+    from metering.core.database import unit_of_work  # noqa: PLC0415
+    from metering.limits import staff  # noqa: PLC0415
+
+    now = datetime.now(UTC)
+
+    def run() -> Any:
+        who = _by(by)
+        if not 0 < alert_id <= _MAX_ID:
+            raise NotFoundError(f"alert {alert_id} does not exist", code="ALERT_NOT_FOUND")
+        with unit_of_work() as session:
+            return staff.acknowledge(session, alert_id, by=who, now=now)
+
+    alert = _guard(run)
+    when = f"{_when(alert.acknowledged_at)} by {alert.acknowledged_by}"
+    fresh = alert.acknowledged_at == now
+    _emit(
+        alert,
+        as_json,
+        f"alert {alert.id} acknowledged {when}"
+        if fresh
+        else f"alert {alert.id} was acknowledged already, {when}",
     )
 
 

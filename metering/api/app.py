@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,10 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from metering import __version__
-from metering.api import admin, stats
+from metering.api import admin, limits, stats
 from metering.api.auth import KeyCache
 from metering.api.envelope import install_error_handlers, ok
 from metering.core.settings import Settings, get_settings
+from metering.gateway.server import build_admission, build_registry
 from metering.live.service import LiveCounts
 from metering.live.wiring import datacenter_readers
 
@@ -30,6 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             liveness_timeout=settings.liveness_timeout.total_seconds(),
             reuse=settings.count_cache_ttl.total_seconds(),
         )
+        # GET /v1/admission answers from these copies, kept current by their own threads.
+        registry, admission = build_registry(settings), build_admission(settings)
+        await asyncio.to_thread(registry.start)
+        await asyncio.to_thread(admission.start)
+        app.state.registry, app.state.admission = registry, admission
         # Everything made at startup lives as long as the process: move it out of the cyclic
         # GC's reach, so full collections under load do not walk it again and again.
         gc.collect()
@@ -37,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await asyncio.to_thread(admission.close)
+            await asyncio.to_thread(registry.close)
             for reader in readers.values():
                 await reader.client.aclose()
 
@@ -49,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(admin.router)
     app.include_router(stats.router)
+    app.include_router(limits.router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness of the API process")
     async def healthz() -> dict[str, object]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from metering.accounts.models import METRICS, Account, Package, PackageChange, PackageLimit
@@ -29,6 +30,7 @@ from metering.limits.schemas import (
 )
 from metering.limits.service import desired_admission
 
+MAX_ID = 2**31 - 1
 MAX_LIMIT = 10**15  # far beyond any real package; keeps every sum well inside int64
 _LIMIT = re.compile(r"^\s*([a-z]+)\s*=\s*(-?\d+)\s*(?::\s*(-?\d+)\s*)?$")
 _MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -107,7 +109,12 @@ def create_package(
         raise ValidationError(f"a package named {name!r} exists already", code="PACKAGE_EXISTS")
     package = Package(name=name, enforce_hard=enforce_hard)
     session.add(package)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as exc:  # created meanwhile by someone else: the unique name says so
+        raise ValidationError(
+            f"a package named {name!r} exists already", code="PACKAGE_EXISTS"
+        ) from exc
     for metric, (quota, hard) in checked.items():
         session.add(
             PackageLimit(package_id=package.id, metric=metric, quota=quota, hard_limit=hard)
@@ -123,15 +130,27 @@ def list_packages(session: Session) -> list[PackageOut]:
 def find_package(session: Session, ref: str) -> Package:
     """A package by name, or by id."""
     package = session.scalar(select(Package).where(Package.name == ref.strip()))
-    if package is None and ref.strip().isdigit():
+    if package is None and ref.strip().isdigit() and _is_id(int(ref)):
         package = session.get(Package, int(ref))
     if package is None:
         raise NotFoundError(f"no package {ref!r}", code="PACKAGE_NOT_FOUND")
     return package
 
 
+def _is_id(value: int) -> bool:
+    """Whether ``value`` can be a row id at all (ids are 32-bit: larger ones exist nowhere)."""
+    return 0 < value <= MAX_ID
+
+
+def _by(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > 200:
+        raise ValidationError("who made the change (by) must be 1 to 200 characters")
+    return value
+
+
 def _account(session: Session, account_id: int) -> Account:
-    account = session.get(Account, account_id)
+    account = session.get(Account, account_id) if _is_id(account_id) else None
     if account is None:
         raise NotFoundError(f"account {account_id} does not exist", code="ACCOUNT_NOT_FOUND")
     return account
@@ -154,7 +173,7 @@ def set_package(
     now: datetime | None = None,
 ) -> Change:
     """Put the account on a package (None: on none); what it enforces changes at once."""
-    now = now or datetime.now(UTC)
+    now, by = now or datetime.now(UTC), _by(by)
     account = _account(session, account_id)
     package = None if package_ref is None else find_package(session, package_ref)
     account.package_id = None if package is None else package.id
@@ -183,7 +202,7 @@ def set_override(
     now: datetime | None = None,
 ) -> Change:
     """Lift every rejection of the account (until ``until``, or until removed)."""
-    now = now or datetime.now(UTC)
+    now, by = now or datetime.now(UTC), _by(by)
     _account(session, account_id)
     reason = reason.strip()
     if not reason or len(reason) > 500:
@@ -301,19 +320,20 @@ def acknowledge(
     session: Session, alert_id: int, *, by: str, now: datetime | None = None
 ) -> AlertOut:
     """Mark an alert seen by staff (acknowledging it again keeps the first acknowledgement)."""
-    alert = session.get(LimitAlert, alert_id)
+    by = _by(by)
+    # Locked: of two staff acknowledging at once, the first one is kept.
+    alert = session.get(LimitAlert, alert_id, with_for_update=True) if _is_id(alert_id) else None
     if alert is None:
         raise NotFoundError(f"alert {alert_id} does not exist", code="ALERT_NOT_FOUND")
     if alert.acknowledged_at is None:
         alert.acknowledged_at, alert.acknowledged_by = now or datetime.now(UTC), by
         session.flush()
-    deliveries = dict(
-        session.execute(
-            select(AlertDelivery.channel, AlertDelivery.status).where(
-                AlertDelivery.alert_id == alert_id
-            )
-        ).tuples()
-    )
+    found = session.execute(
+        select(AlertDelivery.channel, AlertDelivery.status).where(
+            AlertDelivery.alert_id == alert_id
+        )
+    ).all()
+    deliveries = dict(found)
     return _alert_out(alert, deliveries)
 
 
