@@ -155,10 +155,72 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def interleaved(
+    targets: dict[str, tuple[str, dict[str, str]]], args: argparse.Namespace, threads: int
+) -> dict[str, list[Load]]:
+    """``args.rounds`` rounds of load on each target in turn (bare, ours, bare, ours, ...)."""
+    results: dict[str, list[Load]] = {name: [] for name in targets}
+    for r in range(args.rounds):
+        for name, (url, headers) in targets.items():
+            if args.warmup:
+                load(url, headers, args.connections, args.warmup, threads)
+            result = load(url, headers, args.connections, args.duration, threads)
+            results[name].append(result)
+            print(
+                f"  round {r + 1}/{args.rounds} {name}: {result.rps:,.0f} req/s, "
+                f"p50 {fmt_ms(result.p50)}, p99 {fmt_ms(result.p99)}, errors {result.errors}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+def _median(rounds: list[Load]) -> Load:
+    return Load(
+        statistics.median(x.rps for x in rounds),
+        statistics.median(x.p50 for x in rounds),
+        statistics.median(x.p99 for x in rounds),
+        sum(x.errors for x in rounds),
     )
+
+
+def compare(
+    results: dict[str, list[Load]], ours: str, label: str, args: argparse.Namespace
+) -> None:
+    """Print the medians beside the bare endpoint's, the ratio and the verdict; exit 1 if any
+    request failed (the figures would not be valid)."""
+    tool = "wrk" if shutil.which("wrk") else "asyncio client (wrk not found)"
+    base, mine = _median(results["bare"]), _median(results[ours])
+    ratio = mine.rps / base.rps
+    print(
+        f"{label} vs a bare FastAPI endpoint: {tool}, {args.connections} keep-alive "
+        f"connections, {args.duration} s per round after {args.warmup} s warm-up, median of "
+        f"{args.rounds} interleaved rounds, one 1-worker uvicorn each"
+    )
+    print(row("endpoint", "req/s", "p50", "p99", "errors", widths=WIDTHS))
+    for name, x in [("GET /bare (baseline)", base), (label, mine)]:
+        print(row(name, f"{x.rps:,.0f}", fmt_ms(x.p50), fmt_ms(x.p99), x.errors, widths=WIDTHS))
+    print(f"ratio {ours} / bare: {ratio:.2f}")
+    met = ratio >= TARGET and base.errors == mine.errors == 0
+    print(f"target >= {TARGET:.2f}: {'met' if met else 'NOT met'}")
+    if base.errors or mine.errors:
+        print("(failed requests: the figures are not valid)")
+        sys.exit(1)
+
+
+def start_servers(stack: ExitStack, env: dict[str, str]) -> tuple[int, int]:
+    """The bare uvicorn and ``metering api``, stopped with ``stack``: their ports."""
+    bare_port, api_port = processes.free_port(), processes.free_port()
+    print("  starting the bare uvicorn and metering api ...", file=sys.stderr, flush=True)
+    uvicorn_args = [sys.executable, "-m", "uvicorn", "bench.admin_endpoint:bare"]
+    uvicorn_args += ["--host", "127.0.0.1", "--port", str(bare_port), "--log-level", "warning"]
+    start(stack, processes.Process(uvicorn_args, env, ready=None, cwd=str(ROOT)))
+    processes.wait_http(f"http://127.0.0.1:{bare_port}/bare")
+    start(stack, processes.api(env, api_port))
+    return bare_port, api_port
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=int, default=10, help="seconds measured per round")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each round")
@@ -166,19 +228,20 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="wrk threads (default 1), or client processes without wrk (2)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
     args = parser.parse_args()
     threads = args.threads or (1 if shutil.which("wrk") else 2)
     exit_on_sigterm()
 
     with scratch_engine() as scratch, ExitStack() as stack:
         env = scratch.child_env()
-        bare_port, api_port = processes.free_port(), processes.free_port()
-        print("  starting the bare uvicorn and metering api ...", file=sys.stderr, flush=True)
-        uvicorn_args = [sys.executable, "-m", "uvicorn", "bench.admin_endpoint:bare"]
-        uvicorn_args += ["--host", "127.0.0.1", "--port", str(bare_port), "--log-level", "warning"]
-        start(stack, processes.Process(uvicorn_args, env, ready=None, cwd=str(ROOT)))
-        processes.wait_http(f"http://127.0.0.1:{bare_port}/bare")
-        start(stack, processes.api(env, api_port))
+        bare_port, api_port = start_servers(stack, env)
 
         store = DatacenterStore(redis_clients.primary(), scratch.prefix, "dc1")
         meter = Meter(store, "bench-fe")
@@ -197,49 +260,10 @@ def main() -> None:
         check_body(*targets["bare"], count=0)
         check_body(*targets["admin"], count=CONNECTIONS_SHOWN)
 
-        tool = "wrk" if shutil.which("wrk") else "asyncio client (wrk not found)"
-        results: dict[str, list[Load]] = {"bare": [], "admin": []}
-        for r in range(args.rounds):
-            for name, (url, headers) in targets.items():
-                if args.warmup:
-                    load(url, headers, args.connections, args.warmup, threads)
-                result = load(url, headers, args.connections, args.duration, threads)
-                results[name].append(result)
-                print(
-                    f"  round {r + 1}/{args.rounds} {name}: {result.rps:,.0f} req/s, "
-                    f"p50 {fmt_ms(result.p50)}, p99 {fmt_ms(result.p99)}, "
-                    f"errors {result.errors}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        results = interleaved(targets, args, threads)
         check_body(*targets["admin"], count=CONNECTIONS_SHOWN)
 
-    def median(name: str) -> Load:
-        rounds = results[name]
-        return Load(
-            statistics.median(x.rps for x in rounds),
-            statistics.median(x.p50 for x in rounds),
-            statistics.median(x.p99 for x in rounds),
-            sum(x.errors for x in rounds),
-        )
-
-    base, ours = median("bare"), median("admin")
-    ratio = ours.rps / base.rps
-    print(
-        f"GET /admin/connection-count vs a bare FastAPI endpoint: {tool}, "
-        f"{args.connections} keep-alive connections, {args.duration} s per round after "
-        f"{args.warmup} s warm-up, median of {args.rounds} interleaved rounds, "
-        "one 1-worker uvicorn each"
-    )
-    print(row("endpoint", "req/s", "p50", "p99", "errors", widths=WIDTHS))
-    for label, x in [("GET /bare (baseline)", base), ("GET /admin/connection-count", ours)]:
-        print(row(label, f"{x.rps:,.0f}", fmt_ms(x.p50), fmt_ms(x.p99), x.errors, widths=WIDTHS))
-    print(f"ratio admin / bare: {ratio:.2f}")
-    met = ratio >= TARGET and base.errors == ours.errors == 0
-    print(f"target >= {TARGET:.2f}: {'met' if met else 'NOT met'}")
-    if base.errors or ours.errors:
-        print("(failed requests: the figures are not valid)")
-        sys.exit(1)
+    compare(results, "admin", "GET /admin/connection-count", args)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # The hot endpoints first: routes are matched in order.
     app.include_router(admin.router)
+    app.include_router(limits.admission_router)
     app.include_router(stats.router)
     app.include_router(limits.router)
 

@@ -35,6 +35,10 @@ from metering.limits.repository import AdmissionRow
 
 log = get_logger(__name__)
 router = APIRouter(tags=["limits"])
+# Its own router, so that the composition root can put it first: routes are matched in order,
+# and at the end of the list the hot endpoint paid for matching a dozen others (a fifth of its
+# time).
+admission_router = APIRouter(tags=["admission"])
 
 # Ids are 32-bit integer columns: a larger one names nothing (and Postgres refuses to compare).
 _MAX_ID: Final = 2**31 - 1
@@ -361,7 +365,7 @@ _ADMISSION_QUERY = [
 ]
 
 
-@router.get(
+@admission_router.get(
     "/v1/admission",
     summary="May an app connect, attach or publish now?",
     description=(
@@ -392,7 +396,10 @@ async def admission(request: Request) -> Response:
     if not valid_app_id(app):
         raise ValidationError(f"app must be an app id (digits), got {app[:64]!r}")
     registry: AppRegistry = request.app.state.registry
-    account = await registry.resolve(app)
+    # Known apps from memory without a coroutine; a miss asks Redis (once, shared).
+    account = registry.known(app)
+    if account is None:
+        account = await registry.resolve(app)
     if account is None:
         raise NotFoundError(f"unknown app {app}", code="APP_NOT_FOUND")
     refusal: Refusal | None = admit(request.app.state.admission, account)

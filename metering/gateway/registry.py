@@ -83,6 +83,10 @@ class AppRegistry:
                 # Keep serving the last copy: known apps keep working while Redis is away.
                 log.warning("gateway.registry_refresh_failed", error=str(exc))
 
+    def known(self, app: str) -> int | None:
+        """The account of ``app`` if it is in memory (no I/O); None otherwise."""
+        return self._apps.get(app)
+
     async def resolve(self, app: str) -> int | None:
         """The account that owns ``app``, or None if the app is unknown (or Redis is down)."""
         account = self._apps.get(app)
