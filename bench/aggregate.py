@@ -117,7 +117,7 @@ def baseline_rows(n: int, rng: random.Random) -> list[tuple[int, ...]]:
         out.append(
             (
                 1, e, 1, BOUNDARY - 60, conns, conns, 0, conns * 10**6, 0,
-                rng.randint(0, 10**5), 0, 0, pub_n, pub_n * 700, 2 * pub_n, 1400 * pub_n,
+                rng.randint(0, 10**5), 0, 0, pub_n, pub_n * 700, 2 * pub_n, 1400 * pub_n, 0, 0,
                 conns + rng.randint(0, 9), BOUNDARY - rng.randint(1, 59), max(0, conns - 9),
                 conns + 9, 0, 0,
             )
@@ -206,11 +206,11 @@ class World:
 
     def flush(self, f: int, apps: list[int], *, full: bool) -> None:
         conns, counters = self.conns[f], self.counters[f]
-        # Per app, the six totals in FRONTEND_COUNTERS order (this bench refuses nothing).
+        # Per app, the eight totals in FRONTEND_COUNTERS order (this bench refuses nothing).
         ctr: list[tuple[str, tuple[int, ...]]] = []
         for a in apps:
             opened, pub_n, pub_b, del_n, del_b = counters[a]
-            ctr.append((str(a), (opened, 0, pub_n, pub_b, del_n, del_b)))
+            ctr.append((str(a), (opened, 0, pub_n, pub_b, del_n, del_b, 0, 0)))
         status = self.dc.flush(
             f"fe-{f}#bench",
             full=full,

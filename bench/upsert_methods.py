@@ -111,6 +111,8 @@ def states(entity: Ints, rng: np.random.Generator, now: int) -> Ints:
         "opened": r(0, 10**5),
         "refused": r(0, 100),
         "ch_opened": r(0, 10**4),
+        "ch_refused": r(0, 100),
+        "msg_refused": r(0, 1000),
         "pub_n": r(0, 10**6),
     }
     counters["pub_b"] = counters["pub_n"] * r(50, 2000)

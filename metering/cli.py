@@ -702,7 +702,12 @@ _STATS_COLUMNS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ),
     (
         "channels",
-        (("peak", "channels.peak"), ("min", "channels.min"), ("mean", "channels.mean")),
+        (
+            ("peak", "channels.peak"),
+            ("min", "channels.min"),
+            ("mean", "channels.mean"),
+            ("refused", "channels.refused"),
+        ),
     ),
     (
         "published",
@@ -712,6 +717,7 @@ _STATS_COLUMNS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         "delivered",
         (("msgs", "messages.delivered.count"), ("bytes", "messages.delivered.data")),
     ),
+    ("refused", (("msgs", "messages.refused"),)),
 )
 
 

@@ -205,17 +205,17 @@ def test_stats_prints_a_table_newest_first(env: Env) -> None:
     result = run(env.child_env(), "stats", "--app", str(t.app_id))
     assert result.returncode == 0, result.stderr
     groups, heads, *rows, legend = result.stdout.splitlines()
-    assert groups.split() == ["connections", "channels", "published", "delivered"]
+    assert groups.split() == ["connections", "channels", "published", "delivered", "refused"]
     assert heads.split() == [
         "interval", "peak", "peak", "at", "min", "mean", "opened", "refused", "ws", "peak",
-        "peak", "min", "mean", "msgs", "bytes", "msgs", "bytes",
+        "peak", "min", "mean", "refused", "msgs", "bytes", "msgs", "bytes", "msgs",
     ]  # fmt: skip
     assert [row.split() for row in rows] == [
         # 23:58 is in progress (the watermark is its first second) and holds the counters.
         ["2026-03-31:23:58", "*", "2", "23:58:00", "2", "2.00", "4", "0", "2",
-         "1", "1", "1.00", "1", "100", "2", "200"],
+         "1", "1", "1.00", "0", "1", "100", "2", "200", "0"],
         ["2026-03-31:23:57", "3", "23:57:01", "1", "2.00", "0", "0", "3",
-         "1", "1", "1.00", "0", "0", "0", "0"],
+         "1", "1", "1.00", "0", "0", "0", "0", "0", "0"],
     ]  # fmt: skip
     assert legend.startswith("* in progress")
     # The columns line up: every value ends where its heading ends.

@@ -26,7 +26,7 @@ _PARAMETERS = frozenset({"unit", "start", "end", "limit", "direction", "scope", 
     description=(
         "Rollups of the key's app (or, with `scope=account`, of its account) per minute, hour, "
         "day or month (UTC): connections (peak, its time, min, time-weighted mean, opened, "
-        "refused; the WebSocket peak), channels (peak, min, mean, opened) and messages "
+        "refused; the WebSocket peak), channels (peak, min, mean, opened, refused) and messages "
         "(published and delivered, count and bytes). The current period is `inProgress`. "
         "Requires a key with the stats permission."
     ),

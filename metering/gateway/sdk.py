@@ -70,6 +70,8 @@ class Meter:
         self._channels: dict[str, int] = {}  # '<app>|<channel>' -> attached connections here
         self._messages: dict[str, list[int]] = {}  # app -> [pub_n, pub_b, del_n, del_b]
         self._refused: dict[str, int] = {}  # app -> connections refused (cumulative)
+        self._ch_refused: dict[str, int] = {}  # app -> channel attaches refused (cumulative)
+        self._msg_refused: dict[str, int] = {}  # app -> messages refused (cumulative)
         self._changed = False
         self._sent_conns: dict[str, int] = {}
         self._sent_channels: set[str] = set()
@@ -98,6 +100,18 @@ class Meter:
         """A connection the gateway refused (enforcement): counted as ``refused``."""
         self._refused[app] = self._refused.get(app, 0) + 1
         self._changed = True
+
+    def channel_refused(self, app: str) -> None:
+        """A channel attach the gateway refused (enforcement): counted as ``ch_refused``."""
+        self._ch_refused[app] = self._ch_refused.get(app, 0) + 1
+        self._changed = True
+
+    def message_refused(self, app: str, count: int = 1) -> None:
+        """``count`` messages the gateway refused to publish (enforcement): counted as
+        ``msg_refused``."""
+        self._msg_refused[app] = self._msg_refused.get(app, 0) + count
+        # Like the message counters, it rides on the next heartbeat flush: a client retrying
+        # a refused publish in a loop must not make the flush thread run at its highest rate.
 
     def connection_closed(self, app: str, transport: str = "websocket") -> None:
         field = app + ("|w" if transport == "websocket" else _SUFFIX[transport])
@@ -219,18 +233,28 @@ class Meter:
         return status
 
     def _counters(self) -> dict[str, tuple[int, ...]]:
-        """Cumulative counters per app: (opened, refused, pub_n, pub_b, del_n, del_b)."""
+        """Cumulative counters per app, in ``FRONTEND_COUNTERS`` order: (opened, refused,
+        pub_n, pub_b, del_n, del_b, ch_refused, msg_refused)."""
         opened: dict[str, int] = {}
         for field, n in dict(self._opened).items():
             app = field[:-2]  # '<app>|<t>'
             opened[app] = opened.get(app, 0) + n
         refused = dict(self._refused)
+        ch_refused = dict(self._ch_refused)
+        msg_refused = dict(self._msg_refused)
         # tuple() copies each app's list in one C call: the hot path updates it in place.
         messages = {app: tuple(totals) for app, totals in dict(self._messages).items()}
         no_messages = (0, 0, 0, 0)
+        apps = set(opened).union(refused, messages, ch_refused, msg_refused)
         return {
-            app: (opened.get(app, 0), refused.get(app, 0), *messages.get(app, no_messages))
-            for app in opened.keys() | refused.keys() | messages.keys()
+            app: (
+                opened.get(app, 0),
+                refused.get(app, 0),
+                *messages.get(app, no_messages),
+                ch_refused.get(app, 0),
+                msg_refused.get(app, 0),
+            )
+            for app in apps
         }
 
     def _flush(self, *, full: bool) -> str:
@@ -296,6 +320,14 @@ class ThreadSafeMeter(Meter):
     def connection_closed(self, app: str, transport: str = "websocket") -> None:
         with self._lock:
             super().connection_closed(app, transport)
+
+    def channel_refused(self, app: str) -> None:
+        with self._lock:
+            super().channel_refused(app)
+
+    def message_refused(self, app: str, count: int = 1) -> None:
+        with self._lock:
+            super().message_refused(app, count)
 
     def channel_attached(self, app: str, channel: str) -> None:
         with self._lock:

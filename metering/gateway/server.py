@@ -219,6 +219,7 @@ class Gateway:
             # A channel new here may be a channel new to the account: one more active.
             refusal = self.admission.admit_channel(conn.account)
             if refusal is not None:
+                self.meter.channel_refused(conn.app)
                 raise Rejected(refusal.code, refusal.reason, status=403)
         conn.channels.add(channel)
         self.subscriptions.setdefault((conn.app, channel), set()).add(conn)
@@ -299,10 +300,13 @@ class Gateway:
                 return error_response(403, refusal.code, refusal.reason)
         return account
 
-    def _may_publish(self, account: int) -> None:
+    def _may_publish(self, app: str, account: int, count: int = 1) -> None:
+        """Refuse publishing ``count`` messages for ``app`` when its account's limits say so;
+        each refused message is counted."""
         if self.admission is not None:
             refusal = self.admission.admit_message(account)
             if refusal is not None:
+                self.meter.message_refused(app, count)
                 raise Rejected(refusal.code, refusal.reason, status=403)
 
     # -- running a connection ---------------------------------------------------------------
@@ -393,7 +397,7 @@ class Gateway:
         action = frame.get("action")
         if action == "publish":
             channel, data, nbytes = self._message(frame)
-            self._may_publish(conn.account)
+            self._may_publish(conn.app, conn.account)
             self._publish(conn.app, channel, data, nbytes)
             return encode({"action": "published", "channel": channel})
         if action == "attach":
@@ -458,7 +462,7 @@ class Gateway:
         try:
             parsed = _parse(body)
             messages = [self._message(m) for m in self._batch(parsed)]
-            self._may_publish(account)
+            self._may_publish(app, account, len(messages))
         except Rejected as exc:
             return error_response(exc.status, exc.code, exc.message)
         delivered = [self._publish(app, *message) for message in messages]

@@ -42,7 +42,7 @@ TRANSPORT_CODES: dict[Transport, str] = {
 FIGURES = ("w", "s", "l", "c")
 
 # The cumulative counters a frontend reports per app (``FRONTEND_COUNTERS`` of the rollups).
-COUNTERS_PER_APP = 6
+COUNTERS_PER_APP = 8
 
 FLUSH_OK = "ok"
 FLUSH_REPLACED = "replaced"
@@ -127,7 +127,8 @@ class _ChannelMoves:
 
 
 def pack_counters(totals: Sequence[int]) -> str:
-    """An app's counters as stored: '<opened> <refused> <pub_n> <pub_b> <del_n> <del_b>'."""
+    """An app's counters as stored: '<opened> <refused> <pub_n> <pub_b> <del_n> <del_b>
+    <ch_refused> <msg_refused>'."""
     if len(totals) != COUNTERS_PER_APP:
         raise ValueError(f"expected {COUNTERS_PER_APP} counter totals, got {len(totals)}")
     return " ".join(map(str, totals))
@@ -174,7 +175,7 @@ class DatacenterStore:
         counters: Iterable[tuple[str, Sequence[int]]],
     ) -> str:
         """Run ``flush.lua``: connection fields and counts, channel presence, and per app the
-        six cumulative counters of this incarnation (``FRONTEND_COUNTERS`` order), absolute."""
+        eight cumulative counters of this incarnation (``FRONTEND_COUNTERS`` order), absolute."""
         args: list[Any] = [incarnation, "1" if full else "0", _ms(timeout), epoch]
         for pairs in (
             conns,

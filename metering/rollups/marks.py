@@ -5,8 +5,8 @@ aggregator applies only what a total holds beyond its mark, and moves the mark i
 transaction as the rollups, so a total is applied once however often it is read.
 
 Column-wise: an incarnation's marks are its app ids, sorted, and a matrix of their totals in
-``FRONTEND_COUNTERS`` order. Stored in ``usage_marks.packed`` as little-endian int64, seven
-per app (the id, then the six totals).
+``FRONTEND_COUNTERS`` order. Stored in ``usage_marks.packed`` as little-endian int64, nine
+per app (the id, then the eight totals; migration 0007 repacked the seven of before).
 """
 
 from __future__ import annotations

@@ -40,9 +40,17 @@ from sqlalchemy.orm import Mapped, mapped_column
 from metering.core.database import Base
 
 # Columns of the running totals, in one order everywhere (state, rows' start values, marks).
-COUNTERS = ("opened", "refused", "ch_opened", "pub_n", "pub_b", "del_n", "del_b")
-# The counters a frontend reports per incarnation (``ch_opened`` comes from the samples).
-FRONTEND_COUNTERS = ("opened", "refused", "pub_n", "pub_b", "del_n", "del_b")
+# ``refused``, ``ch_refused`` and ``msg_refused`` are what enforcement refused: connections,
+# channel attaches and messages.
+COUNTERS = (
+    "opened", "refused", "ch_opened", "pub_n", "pub_b", "del_n", "del_b", "ch_refused",
+    "msg_refused",
+)  # fmt: skip
+# The counters a frontend reports per incarnation, in the order of its packed value
+# (docs/redis-keys.md; ``ch_opened`` comes from the samples).
+FRONTEND_COUNTERS = (
+    "opened", "refused", "pub_n", "pub_b", "del_n", "del_b", "ch_refused", "msg_refused",
+)  # fmt: skip
 
 
 class UsageCursor(Base):
@@ -88,6 +96,8 @@ class UsageState(Base):
     pub_b: Mapped[int] = mapped_column(BigInteger)
     del_n: Mapped[int] = mapped_column(BigInteger)
     del_b: Mapped[int] = mapped_column(BigInteger)
+    ch_refused: Mapped[int] = mapped_column(BigInteger)
+    msg_refused: Mapped[int] = mapped_column(BigInteger)
     # The start of the entity's latest row, per unit (None: no row yet).
     minute: Mapped[int | None] = mapped_column(BigInteger)
     hour: Mapped[int | None] = mapped_column(BigInteger)
@@ -108,6 +118,8 @@ class UsageState(Base):
     minute_pub_b0: Mapped[int | None] = mapped_column(BigInteger)
     minute_del_n0: Mapped[int | None] = mapped_column(BigInteger)
     minute_del_b0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_ch_refused0: Mapped[int | None] = mapped_column(BigInteger)
+    minute_msg_refused0: Mapped[int | None] = mapped_column(BigInteger)
     minute_peak: Mapped[int | None] = mapped_column(BigInteger)
     minute_peak_at: Mapped[int | None] = mapped_column(BigInteger)
     minute_min: Mapped[int | None] = mapped_column(BigInteger)
@@ -137,6 +149,8 @@ class UsageRollup(Base):
     pub_b0: Mapped[int] = mapped_column(BigInteger)
     del_n0: Mapped[int] = mapped_column(BigInteger)
     del_b0: Mapped[int] = mapped_column(BigInteger)
+    ch_refused0: Mapped[int] = mapped_column(BigInteger)
+    msg_refused0: Mapped[int] = mapped_column(BigInteger)
     # Extremes over the period's counted seconds so far.
     peak: Mapped[int] = mapped_column(BigInteger)
     peak_at: Mapped[int] = mapped_column(BigInteger)

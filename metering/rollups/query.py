@@ -295,12 +295,14 @@ def _figures(
             "channels.min": ch_min,
             "channels.mean": round(ch_mean, 3),
             "channels.opened": counts["ch_opened"],
+            "channels.refused": counts["ch_refused"],
             "messages.published.count": counts["pub_n"],
             "messages.published.data": counts["pub_b"],
             "messages.delivered.count": counts["del_n"],
             "messages.delivered.data": counts["del_b"],
             "messages.all.count": counts["pub_n"] + counts["del_n"],
             "messages.all.data": counts["pub_b"] + counts["del_b"],
+            "messages.refused": counts["msg_refused"],
         }
     )
     return entry

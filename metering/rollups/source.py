@@ -18,6 +18,12 @@ from metering.rollups.models import FRONTEND_COUNTERS
 
 log = get_logger(__name__)
 
+# A packed counters value holds the FRONTEND_COUNTERS totals; one written by an older gateway
+# (or held by a Redis since before the upgrade) the first six of them: the others are 0.
+WIDTH = len(FRONTEND_COUNTERS)
+LEGACY_WIDTH = 6
+_INT64_MAX = np.iinfo(np.int64).max
+
 
 def _b(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
@@ -172,6 +178,44 @@ def _decimal_ints(values: list[Any], width: int) -> npt.NDArray[np.int64] | None
     return parsed.reshape(len(values), width)
 
 
+def _packed_totals(values: list[Any]) -> npt.NDArray[np.int64] | None:
+    """``values`` (packed counters) as an (n, WIDTH) array, parsed by NumPy in one call: each
+    of WIDTH totals, or each of LEGACY_WIDTH (then padded with zeros); None if not all of them
+    are that (the caller goes one by one: malformed values, or a mix of both widths, which the
+    one gateway process that writes an incarnation's hash never makes).
+
+    A -1 goes after each value, where no total can be (totals are never negative): only if
+    every -1 is found where a value of that width puts it, and nothing else is negative, did
+    each value hold exactly that many numbers. (Without it, a value short of a number and one
+    with a number too many would pass together.)
+    """
+    n = len(values)
+    if not n:
+        return np.zeros((0, WIDTH), dtype=np.int64)
+    if isinstance(values[0], bytes):
+        joined = b" -1 ".join(values) + b" -1"
+    else:
+        joined = (" -1 ".join(values) + " -1").encode()
+    try:
+        parsed = np.fromstring(joined, dtype=np.int64, sep=" ")
+    except ValueError:  # something other than numbers and spaces
+        return None
+    width = WIDTH if parsed.size == n * (WIDTH + 1) else LEGACY_WIDTH
+    if parsed.size != n * (width + 1):
+        return None
+    table = parsed.reshape(n, width + 1)
+    # Exactly the n -1s, each where it belongs; and no number past int64, which NumPy takes
+    # as the largest int64 (the slow path decides).
+    placed = (table[:, width] == -1).all() and np.count_nonzero(parsed < 0) == n
+    if not placed or parsed.max() == _INT64_MAX:
+        return None
+    if width == WIDTH:
+        return table[:, :width]
+    out = np.zeros((n, WIDTH), dtype=np.int64)
+    out[:, :width] = table[:, :width]
+    return out
+
+
 def _one_by_one(
     inc: str, apps: list[Any], values: list[Any]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -183,7 +227,9 @@ def _one_by_one(
             app_id, totals = int(app), [int(x) for x in value.split()]
         except ValueError:
             totals = []
-        if len(totals) != len(FRONTEND_COUNTERS):
+        if len(totals) == LEGACY_WIDTH:
+            totals += [0] * (WIDTH - LEGACY_WIDTH)
+        if len(totals) != WIDTH or max(map(abs, totals)) >= 2**63:  # beyond int64 too
             log.warning(
                 "metering.malformed_counters", incarnation=inc, app=_s(app), value=_s(value)
             )
@@ -192,7 +238,7 @@ def _one_by_one(
         rows.append(totals)
     return (
         np.array(ids, dtype=np.int64),
-        np.array(rows, dtype=np.int64).reshape(len(rows), len(FRONTEND_COUNTERS)),
+        np.array(rows, dtype=np.int64).reshape(len(rows), WIDTH),
     )
 
 
@@ -201,8 +247,10 @@ def changed_counters(
 ) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
     """Per incarnation, the apps whose counters it flushed after the sequence ``after`` (0:
     every app it ever flushed) with their cumulative totals: app ids, shape (n,), and totals,
-    shape (n, 6) in ``FRONTEND_COUNTERS`` order (apps that did not change may come too, when
-    most of an incarnation's did). Two round trips for all the incarnations.
+    shape (n, 8) in ``FRONTEND_COUNTERS`` order (apps that did not change may come too, when
+    most of an incarnation's did). Two round trips for all the incarnations. A six-field
+    value (an older gateway's) has 0 for the totals it does not hold; a value that is neither
+    is skipped and logged.
 
     A value flushed after the returned change (its sequence is later than the caller's
     cursor) is fine to apply: totals are absolute, and the next read sees the same or more.
@@ -246,7 +294,7 @@ def _parse_counters(
     if None in values:  # fields gone: skipped
         kept = [k for k, v in enumerate(values) if v is not None]
         apps, values = [apps[k] for k in kept], [values[k] for k in kept]
-    ids, totals = _decimal_ints(apps, 1), _decimal_ints(values, len(FRONTEND_COUNTERS))
+    ids, totals = _decimal_ints(apps, 1), _packed_totals(values)
     if ids is None or totals is None:
         return _one_by_one(inc, apps, values)
     return ids.reshape(-1), totals

@@ -168,8 +168,9 @@ def drive(world: World) -> None:
     | T0+120 | 2              | 0              | 2       |   aggregation: counters land here
 
     a1 has one channel from T0 on. Before the first aggregation a1 publishes one message of
-    100 bytes, delivered three times, and refuses one connection; before the second, it
-    publishes one of 50 bytes.
+    100 bytes, delivered three times, and refuses one connection and one channel attach, and
+    a2 refuses two messages; before the second, a1 publishes one of 50 bytes and refuses
+    three.
     """
     a1, a2 = str(world.a1.app_id), str(world.a2.app_id)
     fe = Meter(world.dc, "fe-1", liveness_timeout=60)
@@ -195,12 +196,15 @@ def drive(world: World) -> None:
     for _ in range(2):
         fe.connection_closed(a1, Transport.WEBSOCKET)
     fe.connection_refused(a1)
+    fe.channel_refused(a1)
+    fe.message_refused(a2, count=2)
     count(T0 + 2)
     assert aggregator.run().second == T0 + 2
 
     for _ in range(3):
         fe.connection_opened(a1, Transport.WEBSOCKET)
     fe.message_published(a1, "chat", 50)
+    fe.message_refused(a1, count=3)
     count(T0 + 60)
     count(T0 + 61)
     for _ in range(2):
@@ -230,10 +234,12 @@ def figures(
         "opened": "connections.all.opened",
         "refused": "connections.all.refused",
         "ch_opened": "channels.opened",
+        "ch_refused": "channels.refused",
         "pub_n": "messages.published.count",
         "pub_b": "messages.published.data",
         "del_n": "messages.delivered.count",
         "del_b": "messages.delivered.data",
+        "msg_refused": "messages.refused",
     }
     for short, name in names.items():
         out[name] = counts.get(short, 0)
@@ -243,18 +249,20 @@ def figures(
 
 
 # Counters land at the second each aggregation counted up to: T0+2 (minute 23:57) and T0+120.
-FIRST = {"opened": 3, "refused": 1, "ch_opened": 1, "pub_n": 1, "pub_b": 100}
+FIRST = {"opened": 3, "refused": 1, "ch_opened": 1, "ch_refused": 1, "pub_n": 1, "pub_b": 100}
 FIRST |= {"del_n": 3, "del_b": 300}
+SECOND = {"opened": 3, "pub_n": 1, "pub_b": 50, "msg_refused": 3}
 APP_FIGURES = {
     M0: figures(3, peak=3, at=T0 + 1, low=1, mean=2.0, ws=3, **FIRST),
     M1: figures(2, peak=4, at=T0 + 60, low=4, mean=4.0, ws=4),
-    M2: figures(1, peak=2, at=T0 + 120, low=2, mean=2.0, ws=2, opened=3, pub_n=1, pub_b=50),
+    M2: figures(1, peak=2, at=T0 + 120, low=2, mean=2.0, ws=2, **SECOND),
 }
-FIRST_ACCOUNT = {**FIRST, "opened": 4}  # a2's streaming connection too
+# a2's streaming connection and refused messages too.
+FIRST_ACCOUNT = {**FIRST, "opened": 4, "msg_refused": 2}
 ACCOUNT_FIGURES = {
     M0: figures(3, peak=4, at=T0 + 1, low=2, mean=3.0, ws=3, **FIRST_ACCOUNT),
     M1: figures(2, peak=5, at=T0 + 60, low=5, mean=5.0, ws=4),
-    M2: figures(1, peak=2, at=T0 + 120, low=2, mean=2.0, ws=2, opened=3, pub_n=1, pub_b=50),
+    M2: figures(1, peak=2, at=T0 + 120, low=2, mean=2.0, ws=2, **SECOND),
 }
 
 
@@ -294,10 +302,10 @@ def test_the_account_scope_sums_its_apps_second_by_second(client: TestClient, wo
     assert entries[0]["connections.all.peak"] == 4
     # Another app of the account, named by the key of the first.
     other = ok_result(get(client, world.a1.key, app=world.a2.app_id, direction="forwards"))
-    assert [(e["appId"], e["connections.all.peak"]) for e in other] == [
-        (world.a2.app_id, 1),
-        (world.a2.app_id, 1),
-        (world.a2.app_id, 0),  # its connection closed at 23:59:00, the first second counted
+    assert [(e["appId"], e["connections.all.peak"], e["messages.refused"]) for e in other] == [
+        (world.a2.app_id, 1, 2),
+        (world.a2.app_id, 1, 0),
+        (world.a2.app_id, 0, 0),  # its connection closed at 23:59:00, the first second counted
     ]
 
 
@@ -340,6 +348,7 @@ def test_start_and_end_filter_the_periods(client: TestClient, world: World) -> N
     assert hour["connections.all.mean"] == round((2 + 3 + 1 + 4 + 4 + 2) / 6, 3)
     assert hour["messages.published.count"] == 2
     assert hour["messages.published.data"] == 150
+    assert (hour["channels.refused"], hour["messages.refused"]) == (1, 3)
 
 
 def test_an_end_a_millisecond_after_a_period_starts_takes_that_period(

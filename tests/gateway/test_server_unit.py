@@ -7,6 +7,7 @@ under a key prefix of its own.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import fakeredis
@@ -28,6 +30,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from metering.accounts.store import RegistryStore
 from metering.gateway.registry import AppRegistry, valid_app_id
+from metering.limits.repository import AdmissionRow
+from metering.limits.store import AdmissionStore
 from metering.live.store import DatacenterStore
 from metering.rollups.models import FRONTEND_COUNTERS
 from tests.scratch import REDIS_URL, delete_keys
@@ -414,6 +418,56 @@ def test_rest_publish(gateway: Gateway) -> None:
     counters = wait_until(lambda: (c := gateway.counters()) and c.get("1|del_n") == 9 and c)
     assert {k: counters[k] for k in expected} == expected
     assert counters["1|opened"] == 3  # REST publishes are never connections
+
+
+def test_attaches_and_publishes_refused_by_the_limits_are_answered_and_counted(
+    gateway: Gateway, prefix: str
+) -> None:
+    """Enforcement refuses a new channel (40114) and publishing (40112) for the apps' account:
+    each channel attach refused counts as ``ch_refused``, each message as ``msg_refused`` (a
+    refused REST batch: every message in it); a publish refused for a bad request counts none."""
+    client = redis.Redis.from_url(REDIS_URL)
+    limits = AdmissionStore(client, prefix)
+    limits.write_live({1: (0, 1)})  # the account holds 1 channel, its hard limit
+    month = datetime.now(UTC).strftime("%Y-%m")
+    limits.write(
+        {
+            1: AdmissionRow(
+                channels_hard=1, publish_blocked_month=month, publish_blocked_by="messages"
+            )
+        }
+    )
+    client.close()
+    url = f"{gateway.http}/v1/apps/{APP}/messages"
+
+    async def scenario() -> None:
+        ws = await _open(gateway.ws())
+        # The notice reaches the gateway in a moment: until then attaches go through.
+        for i in itertools.count():
+            reply = await _ask(ws, {"action": "attach", "channel": f"early{i}"})
+            if reply["action"] != "attached":
+                break
+        assert reply["error"]["code"] == 40114
+        reply = await _ask(ws, {"action": "attach", "channel": "x"})
+        assert (reply["action"], reply["error"]["code"]) == ("error", 40114)
+        reply = await _ask(ws, {"action": "publish", "channel": "x", "data": 1})
+        assert (reply["action"], reply["error"]["code"]) == ("error", 40112)
+        async with httpx.AsyncClient(timeout=10) as http:
+            batch = await http.post(url, json=[{"channel": "c", "data": i} for i in range(3)])
+            assert (batch.status_code, batch.json()["error"]["code"]) == (403, 40112)
+            bad = await http.post(url, json=[{"channel": "c", "data": 1}, {"channel": 5}])
+            assert bad.status_code == 400  # refused as malformed, before the limits
+        await ws.close()
+
+    asyncio.run(scenario())
+    # A stream refused on its channel (the other app, the same account) ends with the error.
+    stream_url = f"{gateway.http}/v1/stream?app={OTHER_APP}&channel=y"
+    with httpx.Client(timeout=10) as http, http.stream("GET", stream_url) as stream:
+        assert "40114" in stream.read().decode()
+    expected = {"1|ch_refused": 2, "1|msg_refused": 4, "2|ch_refused": 1}
+    counters = wait_until(lambda: (c := gateway.counters()).get("2|ch_refused") and c)
+    assert {k: v for k, v in counters.items() if "refused" in k} == expected
+    assert "1|pub_n" not in counters  # nothing refused was published
 
 
 def test_sigterm_closes_the_clients_and_deregisters_at_once(gateway: Gateway) -> None:

@@ -135,50 +135,37 @@ def test_limits_alert_once_refuse_at_the_hard_limit_and_lift(  # noqa: PLR0917 (
         # 4 connections on the two gateways: the hard level. The next one is refused on gw2.
         held += clients.connect(gw2.port, t.app_id, 2)
         until(lambda: ("connections", "hard") in levels_alerted(t.account_id), "the hard alert")
-        refused = 0
+        refused = 0  # every refusal the clients met, to find in the rollups
 
-        def refused_now() -> bool:
+        def attempt(port: int, keep: list | None = None) -> int:  # type: ignore[type-arg]
             nonlocal refused
-            status, body = _try_connect(clients, gw2.port, t.app_id)
+            status, body = _try_connect(clients, port, t.app_id, keep=keep)
             if status == 403:
                 assert body["error"]["code"] == 40111
                 refused += 1
-                return True
-            return False
+            return status
 
-        until(refused_now, "a refused connection", timeout=5)
+        until(lambda: attempt(gw2.port) == 403, "a refused connection", timeout=5)
         # The open connections stay: each still answers.
         for ws in held:
             assert (
                 clients.request(ws, json.dumps({"action": "attach", "channel": "c"}))["action"]
                 == "attached"
             )
-        status, _ = _try_connect(clients, gw1.port, t.app_id)
-        assert status == 403  # on the other gateway too
-        refused += 1
+        assert attempt(gw1.port) == 403  # on the other gateway too
 
         # Two close: below the hard limit, connections are accepted again.
         clients.close(held[:2])
         held = held[2:]
-        accepted: list = []  # type: ignore[type-arg]
-
-        def accepted_now() -> bool:
-            nonlocal refused
-            status, _ = _try_connect(clients, gw2.port, t.app_id, keep=accepted)
-            refused += status == 403
-            return status == 101
-
-        until(accepted_now, "a connection accepted again", timeout=5)
-        held += accepted
+        until(lambda: attempt(gw2.port, keep=held) == 101, "accepted again", timeout=5)
 
         # Back at the hard limit (4 open), then a staff override lifts the rejection at once.
         held += clients.connect(gw1.port, t.app_id, 4 - len(held))
-        until(refused_now, "refused again at the hard limit", timeout=5)
+        until(lambda: attempt(gw2.port) == 403, "refused again at the hard limit", timeout=5)
         with unit_of_work() as session:
             change = staff.set_override(session, t.account_id, reason="launch day", by="e2e")
         store.write(change.admission)
-        lifted = until(lambda: _try_connect(clients, gw2.port, t.app_id, keep=held)[0] == 101,
-                       "the override to apply", timeout=3)  # fmt: skip
+        lifted = until(lambda: attempt(gw2.port, keep=held) == 101, "the override", timeout=3)
         assert lifted < 1.5
 
         # Exactly once per level and channel, signed, with nothing left pending.

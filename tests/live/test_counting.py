@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from metering.gateway.sdk import Meter
+from metering.gateway.sdk import Meter, ThreadSafeMeter
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore, LiveValue, Transport
 from tests.conftest import Env
@@ -317,13 +317,49 @@ def test_message_and_open_counters_are_cumulative_per_incarnation(stores) -> Non
     fe.message_published("1", "c", 5)
     fe.flush()
     fe.connection_refused("2")
+    fe.channel_refused("2")
+    fe.message_refused("1")
+    fe.message_refused("1", count=4)  # a refused batch of four
     fe.flush()
-    # One field per app: opened, refused, pub_n, pub_b, del_n, del_b, all absolute.
+    # One field per app: opened, refused, pub_n, pub_b, del_n, del_b, ch_refused,
+    # msg_refused, all absolute.
     stored = dc.client.hgetall(dc.key(f"fe:{fe.incarnation}:counters"))
     assert {k.decode(): v.decode() for k, v in stored.items()} == {
-        "1": "2 0 2 15 3 30",
-        "2": "0 1 0 0 0 0",
+        "1": "2 0 2 15 3 30 0 5",
+        "2": "0 1 0 0 0 0 1 0",
     }
+    fe.channel_refused("3")
+    fe.flush()  # only the app that changed is sent
+    stored = dc.client.hgetall(dc.key(f"fe:{fe.incarnation}:counters"))
+    assert {k.decode(): v.decode() for k, v in stored.items()} == {
+        "1": "2 0 2 15 3 30 0 5",
+        "2": "0 1 0 0 0 0 1 0",
+        "3": "0 0 0 0 0 0 1 0",
+    }
+    sent = dict(
+        dc.client.zrange(dc.key(f"fe:{fe.incarnation}:counter-apps"), 0, -1, withscores=True)
+    )
+    assert sent[b"3"] > sent[b"1"] == sent[b"2"]
+
+
+def test_refusals_counted_from_several_threads_are_all_counted(stores) -> None:
+    _g, dc = stores
+    fe = ThreadSafeMeter(dc, "fe-a")
+
+    def refuse() -> None:
+        for _ in range(2000):
+            fe.channel_refused("1")
+            fe.message_refused("1", count=2)
+            fe.connection_refused("1")
+
+    threads = [threading.Thread(target=refuse) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fe.flush()
+    stored = dc.client.hget(dc.key(f"fe:{fe.incarnation}:counters"), "1")
+    assert stored == b"0 8000 0 0 0 0 8000 16000"
 
 
 def test_a_close_without_an_open_never_goes_negative(stores) -> None:

@@ -2,10 +2,11 @@
 
 Six minutes across an hour, a day and a month boundary (2026-03-31 23:57 to 2026-04-01 00:03
 UTC): three apps in two accounts, three frontends (one crashes), WebSocket and streaming
-connections, channels, messages and refusals, ten seconds no tick counted, and an aggregation
-every seven seconds, out of step with the minutes so that cycles straddle period ends. The
-test keeps its own books of what it did, second by second, and computes every period's peak,
-min, mean, opened and message totals from them; the stats API must return exactly those.
+connections, channels, messages, refused connections, channel attaches and messages, ten
+seconds no tick counted, and an aggregation every seven seconds, out of step with the minutes
+so that cycles straddle period ends. The test keeps its own books of what it did, second by
+second, and computes every period's peak, min, mean, opened, refused and message totals from
+them; the stats API must return exactly those.
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ def test_rollups_match_figures_computed_independently(world) -> None:  # noqa: P
             if name == "a1" and t % 37 == 0:
                 meters[rng.choice(live)].connection_refused(app_id)
                 books.pending[name]["refused"] += 1
+            # Channel attaches and messages refused (the frontend picked without the random
+            # generator, which would change the rest of the scenario).
+            if name == "b1" and t % 23 == 0:
+                meters[live[t % len(live)]].channel_refused(app_id)
+                books.pending[name]["ch_refused"] += 1
+            if name == "a2" and t % 29 == 0:
+                meters[live[t % len(live)]].message_refused(app_id, count=1 + t % 3)
+                books.pending[name]["msg_refused"] += 1 + t % 3
         for fe in live:
             meters[fe].flush()
         if t in MISSED:
@@ -242,9 +251,11 @@ def _expected(books: Books, entity: str, unit: Unit) -> dict[str, dict[str, obje
             "connections.all.opened": c["opened"],
             "connections.all.refused": c["refused"],
             "channels.opened": c["ch_opened"],
+            "channels.refused": c["ch_refused"],
             "messages.published.count": c["pub_n"],
             "messages.published.data": c["pub_b"],
             "messages.delivered.count": c["del_n"],
             "messages.delivered.data": c["del_b"],
+            "messages.refused": c["msg_refused"],
         }
     return out

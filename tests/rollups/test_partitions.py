@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,8 @@ from tests.scratch import ADMIN_DATABASE_URL, scratch_database
 MINUTE, HOUR, DAY = 60, 3600, 86_400
 T = int(datetime(2030, 3, 15, 12, 0, tzinfo=UTC).timestamp())
 COLUMNS = [c.name for c in UsageRollup.__table__.columns]
+# As migrations 0002 and 0003 made the table (0007 added the refusal counters).
+COLUMNS_0003 = [c for c in COLUMNS if c not in {"ch_refused0", "msg_refused0"}]
 KEPT = {Unit.MINUTE: 7 * DAY, Unit.HOUR: 90 * DAY, Unit.DAY: None, Unit.MONTH: None}
 MERGE = {  # as the aggregator merges extremes
     "peak_at": "CASE WHEN excluded.peak > {t}.peak THEN excluded.peak_at ELSE {t}.peak_at END",
@@ -65,14 +67,22 @@ def engine(module_engine: Engine) -> Engine:
     return module_engine
 
 
-def put(conn: Connection, unit: int, start: int, entity: int = 1, peak: int = 5) -> None:
-    values = dict.fromkeys(COLUMNS, 0) | {
+def put(
+    conn: Connection,
+    unit: int,
+    start: int,
+    entity: int = 1,
+    peak: int = 5,
+    *,
+    columns: Sequence[str] = tuple(COLUMNS),
+) -> None:
+    values = dict.fromkeys(columns, 0) | {
         "scope": 1, "entity_id": entity, "unit": unit, "period_start": start,
         "peak": peak, "peak_at": start + 1, "min": peak,
     }  # fmt: skip
-    cols = ", ".join(COLUMNS)
+    cols = ", ".join(columns)
     conn.execute(
-        text(f"INSERT INTO usage_rollups ({cols}) VALUES (:{', :'.join(COLUMNS)})"), values
+        text(f"INSERT INTO usage_rollups ({cols}) VALUES (:{', :'.join(columns)})"), values
     )
 
 
@@ -313,10 +323,10 @@ def test_the_migration_moves_the_rows_into_partitions_and_back() -> None:
         with engine.begin() as conn:
             for unit, step, n in ((1, MINUTE, 3 * 1440), (2, HOUR, 100 * 24), (3, DAY, 400)):
                 for i in range(0, n, 7):
-                    put(conn, unit, now - now % step - i * step, peak=i)
-            put(conn, 4, at(2025, 1, 1))
-            put(conn, 1, at(2100, 1, 1))
-            put(conn, 1, at(1971, 1, 1))
+                    put(conn, unit, now - now % step - i * step, peak=i, columns=COLUMNS_0003)
+            put(conn, 4, at(2025, 1, 1), columns=COLUMNS_0003)
+            put(conn, 1, at(2100, 1, 1), columns=COLUMNS_0003)
+            put(conn, 1, at(1971, 1, 1), columns=COLUMNS_0003)
             before = conn.exec_driver_sql("SELECT * FROM usage_rollups ORDER BY 1, 2, 3, 4").all()
 
         upgrade(url, "0003")

@@ -27,7 +27,7 @@ def dc() -> Iterator[DatacenterStore]:
 
 
 def flush(dc: DatacenterStore, inc: str, counters: dict[str, tuple[int, ...]]) -> int:
-    """Flush ``counters`` (app -> six totals) as ``inc``; the sequence the flush took."""
+    """Flush ``counters`` (app -> eight totals) as ``inc``; the sequence the flush took."""
     status = dc.flush(
         inc, full=True, timeout=60, epoch="e", conns=[], channels=[], counters=counters.items()
     )
@@ -55,25 +55,28 @@ def test_only_the_apps_changed_after_the_sequence_are_read_with_their_absolute_t
     meter.connection_refused("2")
     for app in ("3", "4", "5"):
         meter.message_published(app, "c", 7)
+    meter.channel_refused("6")
+    meter.message_refused("6", count=4)
     assert meter.flush() == "ok"
     inc = meter.incarnation
     first = source.counter_changes(dc, 0).seq
 
     meter.message_published("1", "c", 5)
-    meter.connection_refused("2")  # apps 3, 4 and 5 do not change
+    meter.connection_refused("2")  # apps 3, 4, 5 and 6 do not change
     assert meter.flush() == "ok"
     assert meter.flush() == "ok"  # a heartbeat sends no counters and logs no change
     second = source.counter_changes(dc, 0).seq
     assert second > first
 
     assert as_dict(source.changed_counters(dc, [inc], first)[inc]) == {
-        1: (2, 0, 2, 15, 3, 30),
-        2: (0, 2, 0, 0, 0, 0),
+        1: (2, 0, 2, 15, 3, 30, 0, 0),
+        2: (0, 2, 0, 0, 0, 0, 0, 0),
     }
     assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {
-        1: (2, 0, 2, 15, 3, 30),
-        2: (0, 2, 0, 0, 0, 0),
-        **dict.fromkeys((3, 4, 5), (0, 0, 1, 7, 0, 0)),
+        1: (2, 0, 2, 15, 3, 30, 0, 0),
+        2: (0, 2, 0, 0, 0, 0, 0, 0),
+        **dict.fromkeys((3, 4, 5), (0, 0, 1, 7, 0, 0, 0, 0)),
+        6: (0, 0, 0, 0, 0, 0, 1, 4),
     }
     assert as_dict(source.changed_counters(dc, [inc], second)[inc]) == {}
 
@@ -93,19 +96,19 @@ def test_when_most_apps_changed_the_whole_hash_is_read_with_the_same_totals(
     # App 3 comes too, with the absolute total its mark already holds (Marks.apply adds
     # nothing for it); the moved apps' totals are the same as a read of them alone.
     assert as_dict(source.changed_counters(dc, [meter.incarnation], first)[meter.incarnation]) == {
-        1: (0, 0, 2, 15, 0, 0),
-        2: (0, 0, 2, 15, 0, 0),
-        3: (0, 0, 1, 10, 0, 0),
+        1: (0, 0, 2, 15, 0, 0, 0, 0),
+        2: (0, 0, 2, 15, 0, 0, 0, 0),
+        3: (0, 0, 1, 10, 0, 0, 0, 0),
     }
 
 
 def test_a_repeated_flush_never_adds_anything(dc: DatacenterStore) -> None:
-    totals = {"7": (1, 2, 3, 4, 5, 6)}
+    totals = {"7": (1, 2, 3, 4, 5, 6, 7, 8)}
     first = flush(dc, "fe-a#1", totals)
     again = flush(dc, "fe-a#1", totals)  # a retried write: the same absolute totals
     assert again > first
     assert as_dict(source.changed_counters(dc, ["fe-a#1"], first)["fe-a#1"]) == {
-        7: (1, 2, 3, 4, 5, 6)
+        7: (1, 2, 3, 4, 5, 6, 7, 8)
     }
 
 
@@ -113,7 +116,7 @@ def test_every_app_of_a_large_flush_is_logged_with_the_flushs_sequence(
     dc: DatacenterStore,
 ) -> None:
     # More apps than one HSET / ZADD chunk of flush.lua (500) takes.
-    totals = {str(a): (a, 0, 2 * a, 3 * a, 4 * a, 10**12 + a) for a in range(1, 1235)}
+    totals = {str(a): (a, 0, 2 * a, 3 * a, 4 * a, 10**12 + a, a % 3, a) for a in range(1, 1235)}
     seq = flush(dc, "fe-a#1", totals)
     logged = dc.client.zrange(dc.key("fe:fe-a#1:counter-apps"), 0, -1, withscores=True)
     assert len(logged) == 1234
@@ -126,8 +129,8 @@ def test_every_app_of_a_large_flush_is_logged_with_the_flushs_sequence(
 def test_several_incarnations_in_two_round_trips(
     dc: DatacenterStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    flush(dc, "fe-a#1", {"1": (1, 0, 0, 0, 0, 0)})
-    flush(dc, "fe-b#1", {"1": (2, 0, 0, 0, 0, 0), "2": (3, 0, 0, 0, 0, 0)})
+    flush(dc, "fe-a#1", {"1": (1, 0, 0, 0, 0, 0, 0, 0)})
+    flush(dc, "fe-b#1", {"1": (2, 0, 0, 0, 0, 0, 0, 0), "2": (3, 0, 0, 0, 0, 0, 0, 1)})
     pipelines: list[Any] = []
     real = dc.client.pipeline
 
@@ -139,26 +142,57 @@ def test_several_incarnations_in_two_round_trips(
     read = source.changed_counters(dc, ["fe-a#1", "fe-b#1", "fe-never#1"], 0)
     assert len(pipelines) == 2
     assert {inc: as_dict(r) for inc, r in read.items()} == {
-        "fe-a#1": {1: (1, 0, 0, 0, 0, 0)},
-        "fe-b#1": {1: (2, 0, 0, 0, 0, 0), 2: (3, 0, 0, 0, 0, 0)},
+        "fe-a#1": {1: (1, 0, 0, 0, 0, 0, 0, 0)},
+        "fe-b#1": {1: (2, 0, 0, 0, 0, 0, 0, 0), 2: (3, 0, 0, 0, 0, 0, 0, 1)},
         "fe-never#1": {},
     }
     assert source.changed_counters(dc, [], 0) == {}
 
 
 def test_values_that_are_gone_or_unreadable_are_skipped(dc: DatacenterStore) -> None:
-    flush(dc, "fe-a#1", {"1": (1, 1, 1, 1, 1, 1), "2": (2, 2, 2, 2, 2, 2)})
-    flush(dc, "fe-b#1", {"5": (5, 5, 5, 5, 5, 5)})
-    flush(dc, "fe-c#1", {"8": (8, 0, 0, 0, 0, 0), "9": (9, 0, 0, 0, 0, 0)})
+    flush(dc, "fe-a#1", {"1": (1,) * 8, "2": (2,) * 8})
+    flush(dc, "fe-b#1", {"5": (5,) * 8})
+    flush(dc, "fe-c#1", {str(a): (a, 0, 0, 0, 0, 0, 0, 0) for a in range(7, 14)})
     dc.client.hdel(dc.key("fe:fe-a#1:counters"), "1")
     dc.client.delete(dc.key("fe:fe-b#1:counters"))  # the hash deleted, the log still there
-    # A gateway's bug: a value that is not six integers costs that app only.
-    dc.client.hset(dc.key("fe:fe-c#1:counters"), "8", "8 0 0 0 0")
+    # A gateway's bug: a value that is neither eight integers nor an older gateway's six
+    # costs that app only, even where the numbers of two such values add up to 2 x 8, and a
+    # number past int64 too (the largest int64 is read as it is).
+    for app, value in (
+        ("8", "8 0 0 0 0"),
+        ("10", "10 0 0 0 0 0 0 0 0 0 0"),
+        ("11", "7 0 0 0 0 0 x 0"),
+        ("12", "12 0 0 0 0 0 0 99999999999999999999"),
+        ("13", f"13 0 0 0 0 0 0 {2**63 - 1}"),
+    ):
+        dc.client.hset(dc.key("fe:fe-c#1:counters"), app, value)
     read = source.changed_counters(dc, ["fe-a#1", "fe-b#1", "fe-c#1"], 0)
     assert {inc: as_dict(r) for inc, r in read.items()} == {
-        "fe-a#1": {2: (2, 2, 2, 2, 2, 2)},
+        "fe-a#1": {2: (2,) * 8},
         "fe-b#1": {},
-        "fe-c#1": {9: (9, 0, 0, 0, 0, 0)},
+        "fe-c#1": {
+            7: (7, 0, 0, 0, 0, 0, 0, 0),
+            9: (9, 0, 0, 0, 0, 0, 0, 0),
+            13: (13, 0, 0, 0, 0, 0, 0, 2**63 - 1),
+        },
+    }
+
+
+def test_an_older_gateways_six_totals_are_read_with_no_refusals_beside_eight(
+    dc: DatacenterStore,
+) -> None:
+    # An older gateway (or a Redis written before the upgrade) holds six totals per app: read
+    # with 0 channel attaches and messages refused, in the same hash as eight-total values.
+    flush(dc, "fe-a#1", {"1": (1, 2, 3, 4, 5, 6, 7, 8), "2": (0,) * 8, "3": (0,) * 8})
+    dc.client.hset(dc.key("fe:fe-a#1:counters"), mapping={"2": "9 0 3 30 6 60", "3": "1 1 1 1 1 1"})
+    old = {2: (9, 0, 3, 30, 6, 60, 0, 0), 3: (1, 1, 1, 1, 1, 1, 0, 0)}
+    both = {1: (1, 2, 3, 4, 5, 6, 7, 8), **old}
+    assert as_dict(source.changed_counters(dc, ["fe-a#1"], 0)["fe-a#1"]) == both
+    # Only old values, and old values read one by one beside a malformed one.
+    flush(dc, "fe-b#1", {"4": (0,) * 8, "5": (0,) * 8})
+    dc.client.hset(dc.key("fe:fe-b#1:counters"), mapping={"4": "4 0 0 0 0 0", "5": "5 x"})
+    assert as_dict(source.changed_counters(dc, ["fe-b#1"], 0)["fe-b#1"]) == {
+        4: (4, 0, 0, 0, 0, 0, 0, 0)
     }
 
 
@@ -174,7 +208,7 @@ def test_forgetting_an_incarnation_removes_its_counters_and_their_log(
     assert dc.client.exists(*keys) == 2
     changes = source.counter_changes(dc, 0)
     assert (changes.incarnations, changes.retired) == ([inc], {inc})
-    assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {1: (0, 0, 1, 3, 0, 0)}
+    assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {1: (0, 0, 1, 3, 0, 0, 0, 0)}
 
     source.forget_incarnations(dc, [inc])
     assert dc.client.exists(*keys) == 0
@@ -183,6 +217,8 @@ def test_forgetting_an_incarnation_removes_its_counters_and_their_log(
     assert as_dict(source.changed_counters(dc, [inc], 0)[inc]) == {}
 
 
-def test_a_flush_without_six_totals_is_refused_before_redis(dc: DatacenterStore) -> None:
-    with pytest.raises(ValueError, match="6 counter totals"):
-        flush(dc, "fe-a#1", {"1": (1, 2, 3)})
+def test_a_flush_without_eight_totals_is_refused_before_redis(dc: DatacenterStore) -> None:
+    # The six of an older gateway are read, never written: this one writes all eight.
+    for totals in ((1, 2, 3), (1, 2, 3, 4, 5, 6)):
+        with pytest.raises(ValueError, match="8 counter totals"):
+            flush(dc, "fe-a#1", {"1": totals})

@@ -1,6 +1,6 @@
 """The aggregator on SQLite, the embedded default's store of record: the same code as on
-Postgres builds the same rollups, and a cycle run again (by the same worker or a restarted
-one) counts nothing twice."""
+Postgres builds the same rollups, a cycle run again (by the same worker or a restarted one)
+counts nothing twice, and an older gateway's six counter totals count with no refusals."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from metering.accounts.store import RegistryStore
 from metering.core.database import make_engine
 from metering.core.migrate import upgrade
 from metering.gateway.sdk import Meter
+from metering.live import store
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore, Transport
 from metering.rollups import query
@@ -102,8 +103,12 @@ def play(world: World, seconds: range) -> int:
         if x == 1:
             meter.message_published(app, "a", 10)
             meter.message_published(app, "a", 20)
+        if x == 3:  # enforcement refused a channel attach, and later three messages
+            meter.channel_refused(app)
         if x == 6:
             meter.message_delivered(app, "b", 30, count=5)
+        if x == 7:
+            meter.message_refused(app, count=3)
         world.count(T0 + x)
     return opened
 
@@ -123,12 +128,14 @@ EXPECTED = {
     "channels.min": 1,
     "channels.mean": 1.2,
     "channels.opened": 2,
+    "channels.refused": 1,
     "messages.published.count": 2,
     "messages.published.data": 30,
     "messages.delivered.count": 5,
     "messages.delivered.data": 150,
     "messages.all.count": 7,
     "messages.all.data": 180,
+    "messages.refused": 3,
 }
 
 
@@ -173,4 +180,55 @@ def test_a_cycle_run_again_counts_nothing_twice(world: World) -> None:
     assert (entry["messages.published.count"], entry["messages.published.data"]) == (3, 70)
     assert entry["messages.delivered.count"] == settled["messages.delivered.count"]
     assert entry["connections.all.opened"] == settled["connections.all.opened"]
+    assert (entry["channels.refused"], entry["messages.refused"]) == (1, 3)
     assert world.minute(ACCOUNT)["messages.published.count"] == 3
+
+
+def test_an_older_gateways_six_totals_are_applied_with_no_refusals_and_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    aggregator = world.aggregator()
+    play(world, range(5))
+    assert aggregator.run().committed
+    before = world.minute(APP)
+    assert (before["channels.refused"], before["messages.refused"]) == (1, 0)
+
+    # A gateway of before this version writes six totals per app through the same script:
+    # opened, refused, published and delivered (count, bytes).
+    monkeypatch.setattr(store, "COUNTERS_PER_APP", 6)
+    totals = (2, 1, 4, 40, 0, 0)
+
+    def old_gateway_flushes() -> None:
+        status = world.dc.flush(
+            "fe-old#1", full=True, timeout=60, epoch="e", conns=[], channels=[],
+            counters=[(str(world.app_id), totals)],
+        )  # fmt: skip
+        assert status in {"ok", "replaced"}
+
+    old_gateway_flushes()
+    world.count(T0 + 5)
+    assert aggregator.run().committed
+    after = world.minute(APP)
+    moved = {k: after[k] - before[k] for k in COUNTED}
+    assert moved == {
+        "connections.all.opened": 2,
+        "connections.all.refused": 1,
+        "messages.published.count": 4,
+        "messages.published.data": 40,
+        "messages.delivered.count": 0,
+        "channels.refused": 0,
+        "messages.refused": 0,
+    }
+
+    # Both gateways repeat their last write (absolute totals): nothing more is applied.
+    old_gateway_flushes()
+    world.meter.flush()
+    world.count(T0 + 6)
+    assert aggregator.run().committed
+    assert {k: world.minute(APP)[k] for k in COUNTED} == {k: after[k] for k in COUNTED}
+
+
+COUNTED = (
+    "connections.all.opened", "connections.all.refused", "messages.published.count",
+    "messages.published.data", "messages.delivered.count", "channels.refused", "messages.refused",
+)  # fmt: skip

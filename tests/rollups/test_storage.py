@@ -1,16 +1,21 @@
 """How the aggregator stores what it knows: counter marks apply only what a total holds
-beyond them, and the migrations to the packed marks and to the minute row held in the state
-carry the data both ways."""
+beyond them, and the migrations to the packed marks, to the minute row held in the state and
+to the refusal counters carry the data both ways."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, inspect, text
 
-from metering.core.migrate import alembic_config
+from metering.core.migrate import alembic_config, upgrade
 from metering.rollups.marks import Marks
 from tests.scratch import scratch_database
 
@@ -20,22 +25,28 @@ def ints(*rows: object) -> np.ndarray:
 
 
 def test_only_what_a_total_holds_beyond_its_mark_is_applied() -> None:
+    # Totals in FRONTEND_COUNTERS order: opened, refused, pub_n, pub_b, del_n, del_b,
+    # ch_refused, msg_refused.
     marks = Marks()
-    first = marks.apply(ints(7, 3), ints([1, 0, 5, 500, 0, 0], [2, 0, 1, 10, 1, 10]))
-    assert first.tolist() == [[1, 0, 5, 500, 0, 0], [2, 0, 1, 10, 1, 10]]
+    first = marks.apply(ints(7, 3), ints([1, 0, 5, 500, 0, 0, 0, 2], [2, 0, 1, 10, 1, 10, 1, 0]))
+    assert first.tolist() == [[1, 0, 5, 500, 0, 0, 0, 2], [2, 0, 1, 10, 1, 10, 1, 0]]
     assert marks.apps.tolist() == [3, 7]  # kept sorted
 
     # The same totals again (a retried read): nothing; a later total: the difference only;
     # a total below its mark (never, for a cumulative counter): nothing, and the mark stays.
-    again = marks.apply(ints(3, 7, 9), ints([2, 0, 1, 10, 1, 10], [4, 0, 5, 600, 0, 0], [1] * 6))
-    assert again.tolist() == [[0] * 6, [3, 0, 0, 100, 0, 0], [1] * 6]
-    below = marks.apply(ints(7), ints([0, 0, 5, 600, 0, 0]))
-    assert below.tolist() == [[0] * 6]
-    assert marks.totals[marks.apps.tolist().index(7)].tolist() == [4, 0, 5, 600, 0, 0]
+    again = marks.apply(
+        ints(3, 7, 9),
+        ints([2, 0, 1, 10, 1, 10, 1, 0], [4, 0, 5, 600, 0, 0, 1, 5], [1] * 8),
+    )
+    assert again.tolist() == [[0] * 8, [3, 0, 0, 100, 0, 0, 1, 3], [1] * 8]
+    below = marks.apply(ints(7), ints([0, 0, 5, 600, 0, 0, 0, 0]))
+    assert below.tolist() == [[0] * 8]
+    assert marks.totals[marks.apps.tolist().index(7)].tolist() == [4, 0, 5, 600, 0, 0, 1, 5]
 
     stored = Marks.unpack(marks.pack())
     assert stored.apps.tolist() == [3, 7, 9]
     assert stored.totals.tolist() == marks.totals.tolist()
+    assert len(marks.pack()) == 3 * 9 * 8  # per app its id and eight totals, int64 each
 
 
 def test_migration_0004_packs_json_marks_and_unpacks_them_back() -> None:
@@ -56,9 +67,10 @@ def test_migration_0004_packs_json_marks_and_unpacks_them_back() -> None:
             command.upgrade(cfg, "0004")
             with engine.connect() as conn:
                 packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
-            marks = Marks.unpack(packed)
-            assert marks.apps.tolist() == [3, 12]
-            assert marks.totals.tolist() == [totals["3"], totals["12"]]
+            # 0004's packing: per app its id and six totals (0007 made it eight).
+            marks = np.frombuffer(packed, dtype="<i8").reshape(-1, 7)
+            assert marks[:, 0].tolist() == [3, 12]
+            assert marks[:, 1:].tolist() == [totals["3"], totals["12"]]
             command.downgrade(cfg, "0003")
             with engine.connect() as conn:
                 back = conn.execute(text("SELECT totals FROM usage_marks")).scalar_one()
@@ -111,5 +123,137 @@ def test_migration_0005_moves_each_latest_minute_row_into_the_state_and_back() -
                     text("SELECT period_start, peak_at FROM usage_rollups ORDER BY 1")
                 ).all()
                 assert [tuple(r) for r in back] == [(60, 61), (120, 121)]
+        finally:
+            engine.dispose()
+
+
+@contextmanager
+def _database(dialect: str, tmp_path: Path) -> Iterator[str]:
+    """A database of its own built by the migrations: Postgres (partitioned rollups) or SQLite."""
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+        upgrade(url)
+        yield url
+    else:
+        with scratch_database("refused") as url:
+            yield url
+
+
+def _columns(conn: Connection, table: str) -> dict[str, tuple[str, bool, object]]:
+    """Each column's (type, nullable, server default) as the database declares it."""
+    found = inspect(conn).get_columns(table)
+    return {c["name"]: (str(c["type"]), c["nullable"], c["default"]) for c in found}
+
+
+def _rollup_tables(conn: Connection) -> list[str]:
+    """usage_rollups and, on Postgres, every partition under it (the DEFAULT ones too)."""
+    if conn.dialect.name != "postgresql":
+        return ["usage_rollups"]
+    tree = conn.execute(
+        text("SELECT relid::regclass::text FROM pg_partition_tree('usage_rollups')")
+    ).scalars()
+    return sorted(tree)
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0007_adds_the_refusal_counters_at_zero_and_repacks_the_marks_both_ways(
+    dialect: str, tmp_path: Path
+) -> None:
+    now = int(time.time())
+    # (scope, entity, unit, start): minute rows long ago (the DEFAULT partition on Postgres)
+    # and now (a day's partition), an hour row long ago (DEFAULT), a day and a month row.
+    rows = [(1, 7, 1, 60), (1, 7, 1, now - now % 60), (1, 7, 2, 3600), (2, 9, 3, 0), (2, 9, 4, 0)]
+    figures = (
+        "conns0, ws0, channels0, area0, ch_area0, opened0, refused0, ch_opened0, pub_n0, "
+        "pub_b0, del_n0, del_b0, peak, peak_at, min, ws_peak, ch_peak, ch_min"
+    )
+    totals = (
+        "opened, refused, ch_opened, pub_n, pub_b, del_n, del_b, since, area, ch_area, conns, "
+        "ws, channels"
+    )
+    # Marks as 0006 packs them: per app its id and six totals.
+    old = np.array([[3, 0, 0, 7, 700, 14, 1400], [12, 1, 2, 3, 4, 5, 6]], dtype="<i8")
+    with _database(dialect, tmp_path) as url:
+        cfg = alembic_config(url)
+        command.downgrade(cfg, "0006")
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                # Entity (1, 7) holds its latest minute row in its state; (2, 9) holds none.
+                conn.execute(
+                    text(
+                        f"INSERT INTO usage_state (scope, entity_id, {totals}, minute, "
+                        "minute_refused0, minute_peak) VALUES "
+                        "(1, 7, 5, 2, 0, 1, 10, 0, 0, 0, 0, 0, 1, 0, 0, 120, 2, 3), "
+                        "(2, 9, 5, 2, 0, 1, 10, 0, 0, 0, 0, 0, 1, 0, 0, NULL, NULL, NULL)"
+                    )
+                )
+                for scope, entity, unit, start in rows:
+                    conn.execute(
+                        text(
+                            f"INSERT INTO usage_rollups (scope, entity_id, unit, period_start, "
+                            f"{figures}) VALUES ({scope}, {entity}, {unit}, {start}, "
+                            "1, 0, 0, 10, 0, 0, 1, 0, 5, 50, 0, 0, 3, 61, 1, 0, 0, 0)"
+                        )
+                    )
+                conn.execute(
+                    text(
+                        "INSERT INTO usage_marks (datacenter, incarnation, packed, retired, "
+                        "updated) VALUES ('dc1', 'fe-1#a', :p, false, 0)"
+                    ),
+                    {"p": old.tobytes()},
+                )
+
+            command.upgrade(cfg, "0007")
+            with engine.connect() as conn:
+                state = conn.execute(
+                    text(
+                        "SELECT entity_id, refused, ch_refused, msg_refused, minute_refused0, "
+                        "minute_ch_refused0, minute_msg_refused0 FROM usage_state ORDER BY 1"
+                    )
+                ).all()
+                assert [tuple(r) for r in state] == [
+                    (7, 2, 0, 0, 2, 0, 0),
+                    (9, 2, 0, 0, None, None, None),
+                ]
+                stored = conn.execute(
+                    text("SELECT pub_b0, peak_at, ch_refused0, msg_refused0 FROM usage_rollups")
+                ).all()
+                assert [tuple(r) for r in stored] == [(50, 61, 0, 0)] * len(rows)
+                packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
+                marks = Marks.unpack(packed)
+                assert marks.apps.tolist() == [3, 12]
+                assert marks.totals.tolist() == [[*r[1:], 0, 0] for r in old.tolist()]
+                # Declared exactly as the counters beside them, on every partition.
+                declared = _columns(conn, "usage_state")
+                for c in ("ch_refused", "msg_refused"):
+                    assert declared[c] == declared["refused"]
+                    assert declared[f"minute_{c}0"] == declared["minute_refused0"]
+                tables = _rollup_tables(conn)
+                if dialect == "postgresql":
+                    assert {"usage_rollups_minute_default", "usage_rollups_hour_default"} <= set(
+                        tables
+                    )
+                for table in tables:
+                    declared = _columns(conn, table)
+                    for c in ("ch_refused0", "msg_refused0"):
+                        assert declared[c] == declared["refused0"], (table, c)
+            since = np.arange(8)  # counted since, per total
+            with engine.begin() as conn:
+                conn.execute(
+                    text("UPDATE usage_marks SET packed = :p"),
+                    {"p": Marks(marks.apps, marks.totals + since).pack()},
+                )
+
+            command.downgrade(cfg, "0006")
+            with engine.connect() as conn:
+                packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
+                back = np.frombuffer(packed, dtype="<i8").reshape(-1, 7)
+                # The six totals of before, as counted since; the refusals are gone.
+                assert back[:, 0].tolist() == [3, 12]
+                assert back[:, 1:].tolist() == (old[:, 1:] + since[:6]).tolist()
+                for table in ["usage_state", *_rollup_tables(conn)]:
+                    gone = {c for c in _columns(conn, table) if "ch_refused" in c or "msg_ref" in c}
+                    assert not gone, table
         finally:
             engine.dispose()

@@ -2,7 +2,9 @@
 -- them when full = '1') and proves it is alive.
 -- ARGV: incarnation, full, timeout_ms, epoch, n, n × (field, count) connections,
 --       n, n × (field, 0|1) channel presence,
---       n, n × (app, '<opened> <refused> <pub_n> <pub_b> <del_n> <del_b>') cumulative counters.
+--       n, n × (app, '<opened> <refused> <pub_n> <pub_b> <del_n> <del_b> <ch_refused> <msg_refused>')
+--       cumulative counters (six fields from a gateway older than the last two: see
+--       docs/redis-keys.md).
 -- Returns 'ok', 'replaced' (took over its id from a dead incarnation), 'unknown' (not
 -- registered: send everything again with full = '1'), or 'superseded' (a newer process
 -- registered under the same id; this one no longer counts).
