@@ -5,7 +5,9 @@ bulk, 5 apps per account) and a Redis key prefix (the same apps in the registry)
 incarnations each hold 15 % of the apps (every app is on 3 of them, as in bench/tick.py) with
 WebSocket connections and cumulative message counters (opened, pub_n, pub_b, del_n, del_b).
 Each cycle drives 5 seconds through the real ``DatacenterStore.flush`` and ``tick`` on a
-controlled clock, then times ``Aggregator(engine, global_store, {"dc1": store}).run()``:
+controlled clock, then times ``Aggregator(engine, global_store, {"dc1": store}).run()`` with the
+limits check production hooks into every cycle (every account is on a package; none reaches a
+level):
 
 - steady, all changed: every app's count and counters moved in each of the 5 seconds, mid-minute
   (the worst case);
@@ -74,6 +76,7 @@ from bench._common import (
 )
 from metering.core.database import make_engine
 from metering.core.logging import configure
+from metering.limits.service import AfterCommit, AggregateLimits, LimitChecker
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups import bulk, source
@@ -145,6 +148,12 @@ def baseline(n: int, repeat: int) -> tuple[float, float]:
     return statistics.median(new), statistics.median(updated)
 
 
+def limits_check(engine: Engine) -> AggregateLimits:
+    """The limits check production runs in every cycle (no alert channel: none alerts)."""
+    checker = LimitChecker(engine, ())
+    return AggregateLimits(checker, AfterCommit(checker, None, lambda _ids: None))
+
+
 # -- the world: apps, frontends, the clock -----------------------------------------------------
 
 
@@ -174,6 +183,22 @@ class World:
                 ),
                 {"n": accounts},
             )
+            # Every account on a package whose limits the usage stays far below: each cycle
+            # checks them all (as in production), and none alerts.
+            conn.execute(
+                text(
+                    "INSERT INTO packages (id, name, enforce_hard, created_at) "
+                    "VALUES (1, 'bench', true, now())"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO package_limits (package_id, metric, quota, hard_limit) "
+                    "SELECT 1, m, 1000000000000, 2000000000000 "
+                    "FROM unnest(ARRAY['connections', 'channels', 'messages', 'data']) m"
+                )
+            )
+            conn.execute(text("UPDATE accounts SET package_id = 1"))
             conn.execute(
                 text(
                     "INSERT INTO apps (id, account_id, name, created_at) "
@@ -349,7 +374,7 @@ def measure(w: World, repeat: int, profile: bool) -> Figures:
     progress(f"[{w.apps} apps] the hour's extremes: every app +{SWING}, then -{SWING}")
     w.swing(up, SWING)
     w.swing(down, -2 * SWING)
-    agg = Aggregator(w.engine, w.g, {"dc1": w.dc})
+    agg = Aggregator(w.engine, w.g, {"dc1": w.dc}, on_accounts=limits_check(w.engine))
     first = agg.run()
     assert first.committed, first
     assert first.second == down, first
@@ -367,7 +392,7 @@ def measure(w: World, repeat: int, profile: bool) -> Figures:
             results.append(r)
             progress(f"[{w.apps} apps] steady, {share:.0%} changed, #{len(results)}: {describe(r)}")
 
-    agg = Aggregator(w.engine, w.g, {"dc1": w.dc})
+    agg = Aggregator(w.engine, w.g, {"dc1": w.dc}, on_accounts=limits_check(w.engine))
     cold = w.cycle(agg, seconds(), 1.0)
     progress(f"[{w.apps} apps] cold (a fresh Aggregator), 100% changed: {describe(cold)}")
 

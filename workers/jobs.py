@@ -10,14 +10,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from metering.accounts.registry import sync_registry as _sync_registry
 from metering.accounts.store import RegistryStore
 from metering.core import database
 from metering.core import redis as redis_clients
 from metering.core.logging import get_logger
-from metering.core.settings import get_settings
+from metering.core.settings import Settings, get_settings
 from metering.limits import wiring as limits_wiring
 from metering.live import service as live
 from metering.live.wiring import datacenter_stores, global_store
@@ -49,18 +49,27 @@ def tick() -> dict[str, Any]:
     }
 
 
-_limits: dict[tuple[str, str, str], limits_wiring.Limits] = {}
+T = TypeVar("T")
 
 
-def limits() -> limits_wiring.Limits:
-    """This process's limits checker, admission mirror and delivery dispatch."""
-    settings = get_settings()
-    key = (settings.database_url, settings.redis_url, settings.redis_prefix)
-    built = _limits.get(key)
-    if built is None:
-        _limits.clear()
-        built = _limits[key] = limits_wiring.build(settings, database.get_engine(), dispatch)
-    return built
+def _per_process(build: Callable[[Settings], T]) -> Callable[[], T]:
+    """``build(settings)`` once per process and database/Redis (settings change in tests):
+    what it built keeps its memory between jobs."""
+    built: dict[tuple[str, str, str], T] = {}
+
+    def get() -> T:
+        settings = get_settings()
+        key = (settings.database_url, settings.redis_url, settings.redis_prefix)
+        if key not in built:
+            built.clear()
+            built[key] = build(settings)
+        return built[key]
+
+    return get
+
+
+# This process's limits checker, admission mirror and delivery dispatch.
+limits = _per_process(lambda s: limits_wiring.build(s, database.get_engine(), dispatch))
 
 
 def dispatch(delivery_ids: list[int]) -> None:
@@ -119,24 +128,16 @@ def sync_registry() -> int:
     return _sync_registry(RegistryStore(redis_clients.primary(), settings.redis_prefix))
 
 
-_aggregators: dict[tuple[str, str, str], rollups.Aggregator] = {}
-
-
-def aggregator() -> rollups.Aggregator:
-    """This process's aggregator: it keeps what it loaded between cycles (see its module)."""
-    settings = get_settings()
-    key = (settings.database_url, settings.redis_url, settings.redis_prefix)
-    agg = _aggregators.get(key)
-    if agg is None:
-        _aggregators.clear()
-        agg = _aggregators[key] = rollups.Aggregator(
-            database.get_engine(),
-            global_store(settings),
-            datacenter_stores(settings),
-            max_samples=settings.aggregate_max_samples,
-            on_accounts=limits().aggregate,
-        )
-    return agg
+# This process's aggregator: it keeps what it loaded between cycles (see its module).
+aggregator = _per_process(
+    lambda s: rollups.Aggregator(
+        database.get_engine(),
+        global_store(s),
+        datacenter_stores(s),
+        max_samples=s.aggregate_max_samples,
+        on_accounts=limits().aggregate,
+    )
+)
 
 
 def aggregate() -> dict[str, Any]:

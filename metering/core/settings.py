@@ -15,6 +15,17 @@ EMBEDDED_REDIS_URL = "memory://"
 TEST_VARS = "METERING_TEST_"
 
 
+# The duration settings that must be positive; the others are below them.
+POSITIVE_DURATIONS = (
+    "liveness_timeout", "flush_interval", "flush_min_interval", "tick_interval",
+    "aggregate_interval", "retention_interval", "limits_refresh_interval",
+    "alert_webhook_timeout", "smtp_timeout", "alert_retry_base", "alert_retry_max",
+    "alert_sweep_interval", "admission_refresh_interval", "admission_stale_after",
+)  # fmt: skip
+OTHER_DURATIONS = ("registry_refresh_interval", "key_cache_ttl", "count_cache_ttl")
+UNITS = ("minute", "hour", "day", "month")  # retention_<unit>: empty keeps rows for ever
+
+
 class Settings(BaseSettings):
     """Every setting of the engine. Durations accept seconds (``0.25``) or ISO 8601 (``PT3S``)."""
 
@@ -97,28 +108,7 @@ class Settings(BaseSettings):
     log_json: bool = False
 
     @field_validator(
-        "liveness_timeout",
-        "flush_interval",
-        "flush_min_interval",
-        "tick_interval",
-        "registry_refresh_interval",
-        "aggregate_interval",
-        "retention_minute",
-        "retention_hour",
-        "retention_day",
-        "retention_month",
-        "retention_interval",
-        "key_cache_ttl",
-        "count_cache_ttl",
-        "limits_refresh_interval",
-        "alert_webhook_timeout",
-        "smtp_timeout",
-        "alert_retry_base",
-        "alert_retry_max",
-        "alert_sweep_interval",
-        "admission_refresh_interval",
-        "admission_stale_after",
-        mode="before",
+        *POSITIVE_DURATIONS, *OTHER_DURATIONS, *(f"retention_{u}" for u in UNITS), mode="before"
     )
     @classmethod
     def _seconds(cls, value: object) -> object:
@@ -176,25 +166,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _durations_positive(self) -> Settings:
-        for name in (
-            "liveness_timeout",
-            "flush_interval",
-            "tick_interval",
-            "flush_min_interval",
-            "aggregate_interval",
-            "retention_interval",
-            "limits_refresh_interval",
-            "alert_webhook_timeout",
-            "smtp_timeout",
-            "alert_retry_base",
-            "alert_retry_max",
-            "alert_sweep_interval",
-            "admission_refresh_interval",
-            "admission_stale_after",
-        ):
+        for name in POSITIVE_DURATIONS:
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{name} must be positive")
-        for unit in ("minute", "hour", "day", "month"):
+        for unit in UNITS:
             kept = getattr(self, f"retention_{unit}")
             if kept is not None and kept <= timedelta(0):
                 raise ValueError(f"retention_{unit} must be positive (empty keeps rows for ever)")
