@@ -261,20 +261,22 @@ class LiveLimits:
     def after_tick(
         self, second: int, accounts: Sequence[tuple[str, tuple[int, int, int, int]]]
     ) -> Recorded:
-        month = month_of(second)
-        recorded = Recorded(month)
-        if accounts:
-            ids = np.array([int(a) for a, _ in accounts], dtype=np.int64)
-            values = np.array([v for _, v in accounts], dtype=np.int64).reshape(-1, 4)
-            usage = np.full((len(ids), len(METRICS)), -1, dtype=np.int64)
-            usage[:, METRICS.index("connections")] = values[:, 0] + values[:, 1] + values[:, 2]
-            usage[:, METRICS.index("channels")] = values[:, 3]
-            alerts = self.checker.detect(month, ids, usage)
-            if alerts:
-                with self.engine.begin() as conn:
-                    recorded = self.checker.record(conn, month, alerts, datetime.now(UTC))
-                self.after(recorded)
+        # The gateways' live counts first: they need them every second, whatever the check.
         self.store.write_live(self.near(accounts))
+        month = month_of(second)
+        if not accounts:
+            return Recorded(month)
+        ids = np.array([int(a) for a, _ in accounts], dtype=np.int64)
+        values = np.array([v for _, v in accounts], dtype=np.int64).reshape(-1, 4)
+        usage = np.full((len(ids), len(METRICS)), -1, dtype=np.int64)
+        usage[:, METRICS.index("connections")] = values[:, 0] + values[:, 1] + values[:, 2]
+        usage[:, METRICS.index("channels")] = values[:, 3]
+        alerts = self.checker.detect(month, ids, usage)
+        if not alerts:
+            return Recorded(month)
+        with self.engine.begin() as conn:
+            recorded = self.checker.record(conn, month, alerts, datetime.now(UTC))
+        self.after(recorded)
         return recorded
 
     def near(
@@ -355,12 +357,20 @@ class AggregateLimits:
     def __call__(self, conn: Connection, usage: AccountUsage) -> Callable[[], None] | None:
         now = datetime.now(UTC)
         recorded: list[Recorded] = []
-        for start in np.unique(usage.month_start):
-            month = month_of(int(start))
-            sel = usage.month_start == start
-            alerts = self.checker.detect(month, usage.accounts[sel], usage.usage[sel])
-            if alerts:
-                recorded.append(self.checker.record(conn, month, alerts, now))
+        try:
+            # In a savepoint: a check that fails (limits unreadable, a table gone) must not
+            # take the cycle's rollups down with it. The levels are found again from the
+            # month's usage the next time the account's usage moves.
+            with conn.begin_nested():
+                for start in np.unique(usage.month_start):
+                    month = month_of(int(start))
+                    sel = usage.month_start == start
+                    alerts = self.checker.detect(month, usage.accounts[sel], usage.usage[sel])
+                    if alerts:
+                        recorded.append(self.checker.record(conn, month, alerts, now))
+        except Exception:
+            log.exception("limits.check_failed", accounts=len(usage.accounts))
+            return None
         if not recorded:
             return None
 

@@ -25,6 +25,9 @@ from metering.limits.service import AfterCommit, AggregateLimits, LimitChecker, 
 from metering.limits.store import AdmissionStore
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
+from metering.rollups import query
+from metering.rollups.fold import APP
+from metering.rollups.periods import Unit
 from metering.rollups.service import Aggregator
 from tests.conftest import Env
 from tests.factories import Tenant, tenant
@@ -207,3 +210,27 @@ def test_level_arithmetic() -> None:
     usage = np.array([7, 8, 10, 24, 25, 0, 10**9])
     assert levels.level_of(usage, quota, hard).tolist() == [0, 1, 2, 2, 3, 0, 0]
     assert METRICS == ("connections", "channels", "messages", "data")
+
+
+def test_a_check_that_fails_does_not_take_the_cycles_rollups_with_it(world: World) -> None:
+    w = world
+    aggregator = Aggregator(get_engine(), w.g, {"dc1": w.dc},
+                            on_accounts=AggregateLimits(w.checker, w.after()))  # fmt: skip
+    connect(w, w.a1, 12)  # warning and soft: their deliveries cannot be written
+    w.second()
+    with get_engine().begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE alert_deliveries RENAME TO alert_deliveries_away")
+    try:
+        assert aggregator.run().committed
+    finally:
+        with get_engine().begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE alert_deliveries_away RENAME TO alert_deliveries")
+    assert alerts() == []  # the check's savepoint rolled back whole
+    with get_engine().connect() as conn:
+        peak = query.periods(conn, query.Query(APP, w.a1.app_id, Unit.MINUTE, limit=1))
+    assert peak[0]["connections.all.peak"] == 12  # the cycle's rollups committed
+
+    connect(w, w.a1, 1)  # the next time the account moves, the levels are found again
+    w.second()
+    aggregator.run()
+    assert [a[:2] for a in alerts()] == [("connections", "warning"), ("connections", "soft")]
