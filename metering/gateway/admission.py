@@ -90,7 +90,6 @@ class Admission:
         self._month = datetime.now(UTC).strftime("%Y-%m")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.refreshes = 0
 
     # -- decisions: the hot path ------------------------------------------------------
 
@@ -166,7 +165,6 @@ class Admission:
         self._channels = {}
         self._month = datetime.now(UTC).strftime("%Y-%m")
         self._fresh_at = self.clock()
-        self.refreshes += 1
 
     def start(self) -> None:
         try:

@@ -24,10 +24,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from metering.core.database import Base, utcnow
 
-LEVELS = ("warning", "soft", "hard")
-CHANNELS = ("webhook", "email")
-DELIVERY_STATUSES = ("pending", "sent", "failed")
-
 
 class LimitAlert(Base):
     """Usage of an account reached a level of its package's limit for a metric, in a month."""

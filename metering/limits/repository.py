@@ -6,18 +6,19 @@ own), and runs the same on Postgres and on SQLite.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, delete, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from metering.accounts.models import METRICS, Account, Package, PackageLimit
-from metering.limits.levels import LEVELS, Ints
+from metering.limits.levels import Ints
 from metering.limits.models import AccountAdmission, AccountOverride, AlertDelivery, LimitAlert
 from metering.rollups import bulk
 
@@ -107,7 +108,7 @@ class LimitsRepository:
         for alert in alerts:
             stmt = (
                 upsert(LimitAlert)
-                .values(month=month, detected_at=detected_at, **_fields(alert))
+                .values(month=month, detected_at=detected_at, **dataclasses.asdict(alert))
                 .on_conflict_do_nothing(index_elements=["account_id", "month", "metric", "level"])
                 .returning(LimitAlert.id)
             )
@@ -192,34 +193,6 @@ class LimitsRepository:
         ).all()
         return bool(enforce), {r[0]: (r[1], r[2]) for r in rows}
 
-    def hard_alerts(self, account_id: int, month: str) -> list[str]:
-        """The metrics whose hard level the account reached in ``month``."""
-        query = select(LimitAlert.metric).where(
-            and_(
-                LimitAlert.account_id == account_id,
-                LimitAlert.month == month,
-                LimitAlert.level == "hard",
-            )
-        )
-        return list(self.conn.scalars(query))
-
-    def alert_count(self) -> int:
-        return int(self.conn.scalar(select(func.count()).select_from(LimitAlert)) or 0)
-
-
-def _fields(alert: NewAlert) -> dict[str, Any]:
-    return {
-        "account_id": alert.account_id,
-        "metric": alert.metric,
-        "level": alert.level,
-        "usage": alert.usage,
-        "threshold": alert.threshold,
-        "quota": alert.quota,
-        "hard_limit": alert.hard_limit,
-        "package_id": alert.package_id,
-        "rejects": alert.rejects,
-    }
-
 
 def limit_matrix(
     packages: Ints, package_rows: list[Any]
@@ -245,4 +218,4 @@ def limit_matrix(
     return quota[pos], hard[pos], enforce[pos]
 
 
-__all__ = ["LEVELS", "AdmissionRow", "LimitsRepository", "NewAlert", "limit_matrix"]
+__all__ = ["AdmissionRow", "LimitsRepository", "NewAlert", "limit_matrix"]

@@ -39,8 +39,6 @@ from metering.rollups.service import USAGE_METRICS, AccountUsage
 
 log = get_logger(__name__)
 
-MESSAGES = METRICS.index("messages")
-DATA = METRICS.index("data")
 PUBLISH_METRICS = ("messages", "data")
 
 
@@ -84,8 +82,8 @@ class Recorded:
 class LimitChecker:
     """Finds the levels usage reached that are not alerted yet, and records them.
 
-    Keeps the limits of every account (reloaded every ``refresh`` seconds, or at once after
-    ``invalidate``) and the levels alerted this month in memory, so that a check that finds
+    Keeps the limits of every account (reloaded every ``refresh`` seconds) and the levels
+    alerted this month in memory, so that a check that finds
     nothing new costs a few array operations and no query. The memory is a shortcut only:
     the unique key in Postgres is what makes an alert happen once.
     """
@@ -100,10 +98,9 @@ class LimitChecker:
         self._month = ""
         self._alerted: Ints = np.zeros((0, len(METRICS)), dtype=np.int64)
 
-    def invalidate(self) -> None:
-        self._loaded_at = 0.0
-
-    def limits(self, month: str) -> Limits:
+    def limits(self, month: str) -> tuple[Limits, Ints]:
+        """The limits, and the highest level alerted this month per account (row) and metric:
+        both from one load, so their rows line up."""
         with self._lock:
             if (
                 self._limits is None
@@ -112,7 +109,7 @@ class LimitChecker:
             ):
                 self._load(month)
             assert self._limits is not None
-            return self._limits
+            return self._limits, self._alerted
 
     def _load(self, month: str) -> None:
         now = datetime.now(UTC)
@@ -126,32 +123,31 @@ class LimitChecker:
         free = np.isin(accounts, np.fromiter(overridden, dtype=np.int64, count=len(overridden)))
         limits = Limits(accounts, pairs[:, 1].copy(), quota, hard, enforce & ~free)
         matrix = np.zeros((len(accounts), len(METRICS)), dtype=np.int64)
-        for account, metric, level in alerted:
-            pos, found = limits.find(np.array([account], dtype=np.int64))
-            if found[0]:
-                m = METRICS.index(metric)
-                matrix[pos[0], m] = max(matrix[pos[0], m], LEVELS.index(level) + 1)
+        if alerted:
+            who = np.array([a for a, _, _ in alerted], dtype=np.int64)
+            metric = np.array([METRICS.index(m) for _, m, _ in alerted], dtype=np.int64)
+            level = np.array([LEVELS.index(lv) + 1 for _, _, lv in alerted], dtype=np.int64)
+            pos, found = limits.find(who)
+            np.maximum.at(matrix, (pos[found], metric[found]), level[found])
         self._limits, self._alerted, self._month = limits, matrix, month
         self._loaded_at = time.monotonic()
 
     def detect(self, month: str, accounts: Ints, usage: Ints) -> list[NewAlert]:
         """The levels reached and not alerted yet: ``usage`` is (n, len(METRICS)), one row per
         account, -1 for a metric not measured by this caller."""
-        limits = self.limits(month)
+        limits, alerted_all = self.limits(month)
         pos, found = limits.find(accounts)
         if not found.any():
             return []
         pos, usage = pos[found], usage[found]
         reached = levels.level_of(usage, limits.quota[pos], limits.hard[pos])
-        with self._lock:
-            alerted = self._alerted[pos] if len(self._alerted) == len(limits.accounts) else 0
+        alerted = alerted_all[pos]
         fresh = np.argwhere(reached > alerted)
         out: list[NewAlert] = []
         for i, m in fresh:
             p = pos[i]
             quota, hard = int(limits.quota[p, m]), int(limits.hard[p, m])
-            first = int(alerted[i, m]) if isinstance(alerted, np.ndarray) else 0
-            for level in range(first + 1, int(reached[i, m]) + 1):
+            for level in range(int(alerted[i, m]) + 1, int(reached[i, m]) + 1):
                 out.append(
                     NewAlert(
                         account_id=int(limits.accounts[p]),
@@ -200,7 +196,7 @@ class LimitChecker:
                 return
             for _, alert in recorded.alerts:
                 pos, found = self._limits.find(np.array([alert.account_id], dtype=np.int64))
-                if found[0] and len(self._alerted) == len(self._limits.accounts):
+                if found[0]:
                     m = METRICS.index(alert.metric)
                     level = LEVELS.index(alert.level) + 1
                     self._alerted[pos[0], m] = max(self._alerted[pos[0], m], level)
@@ -254,9 +250,6 @@ class LiveLimits:
                 self._admission = rows
             self._loaded_at = time.monotonic()
         return self._admission
-
-    def invalidate(self) -> None:
-        self._loaded_at = 0.0
 
     def after_tick(
         self, second: int, accounts: Sequence[tuple[str, tuple[int, int, int, int]]]

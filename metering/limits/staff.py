@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -335,12 +335,3 @@ def acknowledge(
     ).all()
     deliveries = dict(found)
     return _alert_out(alert, deliveries)
-
-
-def all_admission(session: Session) -> dict[int, AdmissionRow]:
-    """Every account's admission row (the periodic mirror sync)."""
-    return LimitsRepository(session.connection()).admission()
-
-
-def alert_count(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(LimitAlert)) or 0)
