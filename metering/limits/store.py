@@ -52,6 +52,15 @@ def decode_row(value: Any) -> AdmissionRow:
     )
 
 
+def _put(pipe: Any, key: str, keep: Mapping[str, str], drop: list[str]) -> None:
+    """Queue setting ``keep`` and deleting ``drop`` in the hash ``key``, in bounded commands."""
+    items = list(keep.items())
+    for start in range(0, len(items), _CHUNK):
+        pipe.hset(key, mapping=dict(items[start : start + _CHUNK]))
+    for start in range(0, len(drop), _CHUNK):
+        pipe.hdel(key, *drop[start : start + _CHUNK])
+
+
 class AdmissionStore:
     def __init__(self, client: Redis, prefix: str) -> None:
         self.client = client
@@ -65,19 +74,11 @@ class AdmissionStore:
         ``replace``, ``rows`` is every account there is (the periodic sync heals an emptied
         or drifted copy)."""
         pipe = self.client.pipeline(transaction=True)
-        if replace:
-            stale = {int(_s(a)) for a in self.client.hkeys(self.key)} - {
-                a for a, r in rows.items() if not r.empty
-            }
-            for start in range(0, len(stale), _CHUNK):
-                pipe.hdel(self.key, *[str(a) for a in list(stale)[start : start + _CHUNK]])
         keep = {str(a): encode_row(r) for a, r in rows.items() if not r.empty}
         drop = [str(a) for a, r in rows.items() if r.empty]
-        items = list(keep.items())
-        for start in range(0, len(items), _CHUNK):
-            pipe.hset(self.key, mapping=dict(items[start : start + _CHUNK]))
-        for start in range(0, len(drop), _CHUNK):
-            pipe.hdel(self.key, *drop[start : start + _CHUNK])
+        if replace:
+            drop += [k for k in map(_s, self.client.hkeys(self.key)) if k not in keep]
+        _put(pipe, self.key, keep, drop)
         pipe.incr(self.version_key)
         pipe.publish(self.notices, LIMITS_NOTICE)
         pipe.execute()
@@ -100,12 +101,7 @@ class AdmissionStore:
         """Set (or, for None, remove) accounts' live counts, then notify: gateways re-read."""
         pipe = self.client.pipeline(transaction=True)
         keep = {str(a): f"{v[0]} {v[1]}" for a, v in values.items() if v is not None}
-        drop = [str(a) for a, v in values.items() if v is None]
-        items = list(keep.items())
-        for start in range(0, len(items), _CHUNK):
-            pipe.hset(self.live_key, mapping=dict(items[start : start + _CHUNK]))
-        for start in range(0, len(drop), _CHUNK):
-            pipe.hdel(self.live_key, *drop[start : start + _CHUNK])
+        _put(pipe, self.live_key, keep, [str(a) for a, v in values.items() if v is None])
         pipe.publish(self.notices, LIVE_NOTICE)
         pipe.execute()
 

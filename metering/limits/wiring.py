@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Engine
 
 from metering.core import redis as redis_clients
 from metering.core.settings import Settings
 from metering.limits import outbox
-from metering.limits.channels import Channel, channels_from
+from metering.limits.channels import channels_from
 from metering.limits.repository import LimitsRepository
 from metering.limits.service import (
     AfterCommit,
@@ -26,9 +27,8 @@ from metering.limits.store import AdmissionStore
 
 @dataclass
 class Limits:
-    checker: LimitChecker
-    store: AdmissionStore
-    channels: dict[str, Channel]
+    """The two places usage is checked: after each tick, and in each aggregation cycle."""
+
     live: LiveLimits
     aggregate: AggregateLimits
 
@@ -46,33 +46,25 @@ def build(settings: Settings, engine: Engine, dispatch: Callable[[list[int]], No
     store = admission_store(settings)
     after = AfterCommit(checker, store, dispatch)
     return Limits(
-        checker=checker,
-        store=store,
-        channels=channels,
         live=LiveLimits(engine, checker, store, after, refresh=refresh),
         aggregate=AggregateLimits(checker, after),
     )
 
 
+def _retries(settings: Settings) -> dict[str, Any]:
+    return {
+        "max_attempts": settings.alert_max_attempts,
+        "retry_base": settings.alert_retry_base,
+        "retry_max": settings.alert_retry_max,
+    }
+
+
 def deliver(settings: Settings, engine: Engine, delivery_id: int) -> outbox.Outcome:
-    return outbox.deliver(
-        engine,
-        delivery_id,
-        channels_from(settings),
-        max_attempts=settings.alert_max_attempts,
-        retry_base=settings.alert_retry_base,
-        retry_max=settings.alert_retry_max,
-    )
+    return outbox.deliver(engine, delivery_id, channels_from(settings), **_retries(settings))
 
 
 def sweep(settings: Settings, engine: Engine) -> outbox.SweepResult:
-    return outbox.sweep(
-        engine,
-        channels_from(settings),
-        max_attempts=settings.alert_max_attempts,
-        retry_base=settings.alert_retry_base,
-        retry_max=settings.alert_retry_max,
-    )
+    return outbox.sweep(engine, channels_from(settings), **_retries(settings))
 
 
 def sync_admission(engine: Engine, store: AdmissionStore, now: datetime | None = None) -> int:
