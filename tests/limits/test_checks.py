@@ -21,8 +21,10 @@ from metering.core.database import get_engine, unit_of_work
 from metering.gateway.sdk import Meter
 from metering.limits import levels, staff
 from metering.limits.models import AlertDelivery, LimitAlert
+from metering.limits.repository import AdmissionRow, LimitsRepository
 from metering.limits.service import AfterCommit, AggregateLimits, LimitChecker, LiveLimits
 from metering.limits.store import AdmissionStore
+from metering.limits.wiring import sync_admission
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups import query
@@ -234,3 +236,20 @@ def test_a_check_that_fails_does_not_take_the_cycles_rollups_with_it(world: Worl
     w.second()
     aggregator.run()
     assert [a[:2] for a in alerts()] == [("connections", "warning"), ("connections", "soft")]
+
+
+def test_the_admission_sync_heals_the_mirror_and_lifts_blocks_of_an_ended_month(
+    world: World,
+) -> None:
+    w = world
+    with get_engine().begin() as conn:
+        # Publishing blocked in a month that has ended (the account stays on its package).
+        LimitsRepository(conn).set_admission(
+            {w.account: AdmissionRow(20, None, "2026-10", "messages")}, datetime.now(UTC)
+        )
+    w.store.write({999: AdmissionRow(connections_hard=1)})  # in Redis only: drift
+
+    assert sync_admission(get_engine(), w.store, now=datetime(2026, 11, 10, tzinfo=UTC)) == 1
+    assert w.store.read() == {w.account: AdmissionRow(connections_hard=20)}
+    with get_engine().connect() as conn:
+        assert LimitsRepository(conn).admission() == {w.account: AdmissionRow(20)}
