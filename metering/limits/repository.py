@@ -169,14 +169,17 @@ class LimitsRepository:
                         insert(AccountAdmission).values(account_id=account_id, **values)
                     )
 
-    def block_publishing(self, account_id: int, month: str, metric: str, now: datetime) -> bool:
-        """Refuse the account's messages for the rest of ``month``; False if already so."""
+    def block_publishing(
+        self, account_id: int, month: str, metric: str, now: datetime
+    ) -> AdmissionRow | None:
+        """Refuse the account's messages for the rest of ``month``: its new admission row, or
+        None if it was so already."""
         current = self.admission([account_id]).get(account_id, AdmissionRow())
         if current.publish_blocked_month == month:
-            return False
+            return None
         blocked = AdmissionRow(current.connections_hard, current.channels_hard, month, metric)
         self.set_admission({account_id: blocked}, now)
-        return True
+        return blocked
 
     def accounts_with_packages(self, account_ids: Sequence[int]) -> dict[int, int | None]:
         """Each account's package (None: none); accounts that do not exist are left out."""

@@ -183,10 +183,10 @@ class LimitChecker:
                 usage=alert.usage,
                 threshold=alert.threshold,
             )
-            blocks = alert.level == "hard" and alert.metric in PUBLISH_METRICS and alert.rejects
-            if blocks and repo.block_publishing(alert.account_id, month, alert.metric, now):
-                row = repo.admission([alert.account_id])[alert.account_id]
-                recorded.admission[alert.account_id] = row
+            if alert.level == "hard" and alert.metric in PUBLISH_METRICS and alert.rejects:
+                row = repo.block_publishing(alert.account_id, month, alert.metric, now)
+                if row is not None:
+                    recorded.admission[alert.account_id] = row
         return recorded
 
     def committed(self, recorded: Recorded) -> None:
