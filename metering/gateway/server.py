@@ -352,15 +352,15 @@ class Gateway:
 
     async def realtime(self, websocket: WebSocket) -> None:
         app = websocket.query_params.get("app", "")
-        denial = await self._admit(app, connect=True)
-        if not isinstance(denial, int):
+        account = await self._admit(app, connect=True)
+        if not isinstance(account, int):
             if "websocket.http.response" in websocket.scope.get("extensions", {}):
-                await websocket.send_denial_response(denial)
+                await websocket.send_denial_response(account)
             else:
                 await websocket.close(POLICY_VIOLATION)  # the handshake fails with a 403
             return
         await websocket.accept()
-        conn = _Connection(app, denial, Transport.WEBSOCKET)
+        conn = _Connection(app, account, Transport.WEBSOCKET)
         self._open(conn)
         try:
             conn.send(encode({"action": "connected", "connectionId": conn.id}))
