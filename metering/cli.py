@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import redis
@@ -30,19 +31,26 @@ apps_app = typer.Typer(help="Apps (each belongs to one account).", no_args_is_he
 keys_app = typer.Typer(help="API keys (each belongs to one app).", no_args_is_help=True)
 packages_app = typer.Typer(help="Packages (quotas and hard limits).", no_args_is_help=True)
 alerts_app = typer.Typer(help="Limit alerts sent to staff.", no_args_is_help=True)
+billing_app = typer.Typer(help="Monthly invoices: close, preview, export.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(apps_app, name="apps")
 app.add_typer(keys_app, name="keys")
 app.add_typer(packages_app, name="packages")
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(billing_app, name="billing")
 
 
 @app.callback()
 def _root() -> None:
     # Every command needs valid settings: check them first, so a bad variable is one clear
     # line whichever command meets it.
-    _settings()
+    settings = _settings()
+    # Logs go to stderr, never into what a command prints; a one-shot command logs only what
+    # needs attention (the long-running ones set the configured level again).
+    from metering.core.logging import configure  # noqa: PLC0415
+
+    configure("WARNING", json=settings.log_json)
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -874,6 +882,169 @@ def _stats_table(entries: list[dict[str, Any]], *, month: bool) -> str:
     if any(e.get("inProgress") for e in entries):
         out.append("* in progress: the figures so far")
     return "\n".join(out)
+
+
+# -- billing -------------------------------------------------------------------------------
+# ``billing`` imports ``metering``; this composition root is one of the places wiring both.
+
+
+@packages_app.command("set-prices")
+def packages_set_prices(
+    package: Annotated[str, typer.Argument(help="A package's name or id.")],
+    currency: Annotated[str, typer.Option("--currency", help="ISO 4217 code, e.g. USD.")],
+    base_fee: Annotated[
+        str, typer.Option("--base-fee", help="The monthly fee, e.g. 49.00 (in the currency).")
+    ],
+    price: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--price",
+            help="METRIC=INCLUDED:UNIT_PRICE[:UNIT_SIZE] (repeatable; metrics: connections, "
+            "channels, messages, data), e.g. messages=1000000:0.40:1000 (0.40 per 1 000 "
+            "messages over the first million). A metric without a price is in the base fee.",
+        ),
+    ] = None,
+    by: ByOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Give a package its prices (replacing any it had; invoices issued keep theirs)."""
+    from billing import service  # noqa: PLC0415
+    from metering.core.database import get_engine  # noqa: PLC0415
+
+    def run() -> Any:
+        prices = dict(service.parse_price(p) for p in price or [])
+        if len(prices) != len(price or []):
+            raise MeteringError("each metric may be priced once")
+        with get_engine().begin() as conn:
+            return service.set_prices(
+                conn, package, currency=currency, base_fee=base_fee, prices=prices, by=_by(by)
+            )
+
+    pricing = _guard(run)
+    view = service.pricing_view(pricing)
+    if as_json:
+        typer.echo(json.dumps(view))
+        return
+    lines = [f"package {pricing.package_name}: {view['baseFee']} {view['currency']} a month"]
+    for metric, p in view["prices"].items():
+        lines.append(
+            f"  {metric:<12} {p['included']} included, then {p['unitPrice']} per {p['unitSize']}"
+        )
+    typer.echo("\n".join(lines))
+
+
+MonthOption = Annotated[str, typer.Option("--month", help="The month, YYYY-MM (UTC).")]
+
+
+@billing_app.command("close")
+def billing_close(month: MonthOption, by: ByOption = None, as_json: JsonOption = False) -> None:
+    """Close a month: one final invoice per account on a package. Closing it again changes
+    nothing and prints the same summary."""
+    from billing import jobs  # noqa: PLC0415
+    from metering.core.database import get_engine  # noqa: PLC0415
+
+    bars: list[Any] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bar = typer.progressbar(length=total, label=f"pricing {month}", file=sys.stderr)
+            bars.append([bar.__enter__(), 0])
+        bar, shown = bars[0]
+        bar.update(done - shown)
+        bars[0][1] = done
+        if done == total:
+            bar.render_finish()
+            typer.echo(f"writing {total} invoices", err=True)
+
+    who = _guard(lambda: _by(by))
+    typer.echo(f"==> closing {month}", err=True)
+    result = _guard(lambda: jobs.close_month(get_engine(), month, by=who, progress=progress))
+    out = {
+        "month": result.month, "closedNow": result.closed_now, "invoices": result.invoices,
+        "unbilledAccounts": result.unbilled, "totals": result.totals,
+        "closedAt": None if result.closed_at is None else result.closed_at.isoformat(),
+    }  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    how = "closed" if result.closed_now else "was closed already (nothing changed)"
+    totals = ", ".join(f"{v} {c}" for c, v in result.totals.items()) or "nothing"
+    text = f"{month} {how}: {result.invoices} invoice(s), {totals}"
+    if result.unbilled:
+        text += f"; {result.unbilled} account(s) on no package, not billed"
+    typer.echo(text)
+
+
+@billing_app.command("preview")
+def billing_preview(
+    account: Annotated[int, typer.Option("--account", help="The account's id.")],
+    as_json: JsonOption = False,
+) -> None:
+    """A draft of the account's invoice for the current month, as it stands now."""
+    from billing import jobs  # noqa: PLC0415
+    from metering.core.database import get_engine  # noqa: PLC0415
+
+    draft = _guard(lambda: jobs.preview(get_engine(), account))
+    typer.echo(json.dumps(draft) if as_json else _invoice_text(draft))
+
+
+def _invoice_text(inv: dict[str, Any]) -> str:
+    cur = inv["currency"]
+    head = (
+        f"{'DRAFT ' if inv['status'] == 'draft' else ''}invoice "
+        f"{inv['id'] if inv['id'] is not None else ''}".rstrip()
+        + f" - account {inv['accountId']}, {inv['month']}, package {inv['package']}"
+    )
+    rows = []
+    for ln in inv["lines"]:
+        peak = ""
+        if ln.get("peakAt"):
+            peak = ln["peakAt"] + ("" if ln["peakResolution"] == "second" else " (hour)")
+            if ln.get("topAppId") is not None:
+                peak += f", top app {ln['topAppId']} ({ln['topAppPeak']})"
+        rows.append(
+            [
+                ln["metric"], _opt(ln["usage"]), _opt(ln["included"]), _opt(ln["overage"]),
+                ln["unitPrice"] + ("" if ln["unitSize"] in {None, 1} else f"/{ln['unitSize']}"),
+                ln["amount"], peak,
+            ]
+        )  # fmt: skip
+    table = _table(["line", "usage", "included", "overage", "unit price", "amount", "peak"], rows)
+    out = [head, table, f"total {inv['total']} {cur}"]
+    for c in inv["packageChanges"]:
+        out.append(f"package changed {c['at']}: {c['from'] or 'none'} -> {c['to'] or 'none'}")
+    if inv["status"] == "draft":
+        out.append(f"(as of {inv['asOf']}; the month is not over)")
+    return "\n".join(out)
+
+
+def _opt(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+@billing_app.command("export")
+def billing_export(
+    month: MonthOption,
+    fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (default: stdout).")
+    ] = None,
+) -> None:
+    """A closed month's invoices for finance: CSV (one row per invoice line) or JSON."""
+    from billing import export, jobs  # noqa: PLC0415
+    from metering.core.database import get_engine  # noqa: PLC0415
+
+    if fmt not in export.FORMATS:
+        fail(f"--format must be csv or json, got {fmt!r}")
+    invoices = _guard(lambda: jobs.invoices(get_engine(), month))
+    text = export.to_csv(invoices) if fmt == "csv" else export.to_json(invoices)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    output.write_text(text, encoding="utf-8", newline="")
+    lines = sum(len(i["lines"]) for i in invoices)
+    typer.echo(f"{len(invoices)} invoice(s), {lines} line(s) written to {output}", err=True)
 
 
 def main() -> None:

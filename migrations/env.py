@@ -6,8 +6,8 @@ from alembic import context
 from sqlalchemy import text
 
 from metering.core.database import Base, make_engine
-from metering.core.models import import_all_models
 from metering.core.settings import get_settings
+from migrations.metadata import import_all_models
 
 import_all_models()
 target_metadata = Base.metadata

@@ -22,7 +22,8 @@ TABLES = (
     "api_keys", "apps", "accounts", "package_limits", "packages", "package_changes",
     "usage_state", "usage_rollups", "usage_gaps", "usage_marks",
     "limit_alerts", "alert_deliveries", "alert_delivery_attempts", "account_overrides",
-    "account_admission",
+    "account_admission", "package_pricing", "package_prices", "billing_months", "invoices",
+    "invoice_lines",
 )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, inspect
 
 from metering.core.database import Base
 from metering.core.migrate import alembic_config, upgrade
-from metering.core.models import import_all_models
+from migrations.metadata import import_all_models
 
 # On Postgres ``usage_rollups`` is partitioned (migration 0003, metering/rollups/partitions.py):
 # the inspector lists its partitions as tables of their own, which no model describes. These

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from billing import jobs as billing
 from metering.accounts.registry import sync_registry as _sync_registry
 from metering.accounts.store import RegistryStore
 from metering.core import database
@@ -174,6 +175,10 @@ def retention() -> dict[str, Any]:
     }
 
 
+def close_due_month() -> dict[str, Any]:
+    return billing.close_due(database.get_engine(), grace=get_settings().billing_grace)
+
+
 JOBS: dict[str, Callable[[], Any]] = {
     "metering.live.tick": tick,
     "metering.accounts.sync_registry": sync_registry,
@@ -181,4 +186,5 @@ JOBS: dict[str, Callable[[], Any]] = {
     "metering.rollups.retention": retention,
     "metering.limits.sweep_deliveries": sweep_deliveries,
     "metering.limits.sync_admission": sync_admission,
+    "billing.close_due_month": close_due_month,
 }

@@ -46,6 +46,12 @@ def periodic_tasks(settings: Settings) -> list[Periodic]:
             settings.registry_refresh_interval.total_seconds(),
             {"expires": settings.registry_refresh_interval.total_seconds()},
         ),
+        # The previous month closed once its grace window has passed (a no-op until then).
+        Periodic(
+            "billing.close_due_month",
+            settings.billing_close_interval.total_seconds(),
+            {"expires": settings.billing_close_interval.total_seconds()},
+        ),
         Periodic(
             "metering.rollups.retention",
             settings.retention_interval.total_seconds(),

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from billing import endpoints as billing
 from metering import __version__
 from metering.api import admin, limits, stats
 from metering.api.auth import KeyCache
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(limits.admission_router)
     app.include_router(stats.router)
     app.include_router(limits.router)
+    app.include_router(billing.router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness of the API process")
     async def healthz() -> dict[str, object]:

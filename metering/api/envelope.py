@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from metering.core.errors import MeteringError
+from metering.core.errors import MeteringError, ValidationError
 from metering.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -18,6 +18,14 @@ log = get_logger(__name__)
 
 def ok(result: Any) -> dict[str, Any]:
     return {"RC": 0, "RM": "OK", "result": result}
+
+
+def only_parameters(request: Request, allowed: frozenset[str]) -> None:
+    """A query parameter the endpoint does not know is an error, not silently ignored."""
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        known = f" (one of {', '.join(sorted(allowed))})" if allowed else ""
+        raise ValidationError(f"unknown parameter {unknown[0]!r}{known}")
 
 
 def error_body(status: int, rm: str, code: str, message: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from metering.accounts.repository import AccountRepository
 from metering.accounts.schemas import KeyInfo
 from metering.api.auth import API_KEY_HEADER, API_KEY_PARAMETER, authorize
-from metering.api.envelope import ok
+from metering.api.envelope import ok, only_parameters
 from metering.core.database import unit_of_work
 from metering.core.errors import NotFoundError, ValidationError
 from metering.core.logging import get_logger
@@ -87,13 +87,6 @@ async def staff_key(request: Request) -> KeyInfo:
 StaffKey = Annotated[KeyInfo, Depends(staff_key)]
 
 
-def _only(request: Request, allowed: frozenset[str]) -> None:
-    unknown = sorted(set(request.query_params) - allowed)
-    if unknown:
-        known = f" (one of {', '.join(sorted(allowed))})" if allowed else ""
-        raise ValidationError(f"unknown parameter {unknown[0]!r}{known}")
-
-
 def _by(key: KeyInfo) -> str:
     return f"key:{key.key_id}"
 
@@ -144,7 +137,7 @@ async def _change(request: Request, change: Callable[[Session], staff.Change]) -
     openapi_extra={"parameters": [API_KEY_PARAMETER]},
 )
 async def create_package(request: Request, key: StaffKey, body: PackageIn) -> dict[str, Any]:
-    _only(request, _NO_PARAMETERS)
+    only_parameters(request, _NO_PARAMETERS)
     limits = {metric: (lim.quota, lim.hard_limit) for metric, lim in body.limits.items()}
 
     def run() -> dict[str, Any]:
@@ -170,7 +163,7 @@ async def create_package(request: Request, key: StaffKey, body: PackageIn) -> di
     openapi_extra={"parameters": [API_KEY_PARAMETER]},
 )
 async def list_packages(request: Request, key: StaffKey) -> dict[str, Any]:
-    _only(request, _NO_PARAMETERS)
+    only_parameters(request, _NO_PARAMETERS)
 
     def run() -> list[dict[str, Any]]:
         with unit_of_work() as session:
@@ -194,7 +187,7 @@ async def list_packages(request: Request, key: StaffKey) -> dict[str, Any]:
 async def set_package(
     request: Request, key: StaffKey, account_id: int, body: AccountPackageIn
 ) -> dict[str, Any]:
-    _only(request, _NO_PARAMETERS)
+    only_parameters(request, _NO_PARAMETERS)
     _account_id(account_id)
     ref = None if body.package is None else str(body.package)
 
@@ -219,7 +212,7 @@ async def set_package(
     openapi_extra={"parameters": [API_KEY_PARAMETER]},
 )
 async def get_admission(request: Request, key: StaffKey, account_id: int) -> dict[str, Any]:
-    _only(request, _NO_PARAMETERS)
+    only_parameters(request, _NO_PARAMETERS)
     _account_id(account_id)
 
     def run() -> dict[str, Any]:
@@ -242,7 +235,7 @@ async def get_admission(request: Request, key: StaffKey, account_id: int) -> dic
 async def set_override(
     request: Request, key: StaffKey, account_id: int, body: OverrideIn
 ) -> dict[str, Any]:
-    _only(request, _NO_PARAMETERS)
+    only_parameters(request, _NO_PARAMETERS)
     _account_id(account_id)
 
     def change(session: Session) -> staff.Change:
@@ -263,7 +256,7 @@ async def set_override(
     openapi_extra={"parameters": [API_KEY_PARAMETER]},
 )
 async def clear_override(request: Request, key: StaffKey, account_id: int) -> dict[str, Any]:
-    _only(request, _NO_PARAMETERS)
+    only_parameters(request, _NO_PARAMETERS)
     _account_id(account_id)
 
     def change(session: Session) -> staff.Change:
@@ -296,7 +289,7 @@ async def list_alerts(
     unacknowledged: Annotated[bool, Query(description="only those not acknowledged")] = False,
     limit: Annotated[int, Query(description="at most this many, 1 to 1000")] = 100,
 ) -> dict[str, Any]:
-    _only(request, _ALERT_PARAMETERS)
+    only_parameters(request, _ALERT_PARAMETERS)
 
     def run() -> list[dict[str, Any]]:
         with unit_of_work() as session:
@@ -327,7 +320,7 @@ async def list_alerts(
     openapi_extra={"parameters": [API_KEY_PARAMETER]},
 )
 async def acknowledge(request: Request, key: StaffKey, alert_id: int) -> dict[str, Any]:
-    _only(request, _NO_PARAMETERS)
+    only_parameters(request, _NO_PARAMETERS)
     if not 0 < alert_id <= _MAX_ID:
         raise NotFoundError(f"alert {alert_id} does not exist", code="ALERT_NOT_FOUND")
 

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from metering.accounts.repository import AccountRepository
 from metering.api.auth import API_KEY_PARAMETER, authorize
-from metering.api.envelope import ok
+from metering.api.envelope import ok, only_parameters
 from metering.core.database import get_engine
 from metering.core.errors import PermissionDeniedError, ValidationError
 from metering.rollups import query as rollups
@@ -44,10 +44,7 @@ async def stats(
     app: Annotated[int | None, Query(description="an app of the key's account")] = None,
 ) -> dict[str, Any]:
     key = await authorize(request, request.headers.get("IM-API-KEY"), "stats")
-    unknown = sorted(set(request.query_params) - _PARAMETERS)
-    if unknown:
-        known = ", ".join(sorted(_PARAMETERS))
-        raise ValidationError(f"unknown parameter {unknown[0]!r} (one of {known})")
+    only_parameters(request, _PARAMETERS)
     if scope not in SCOPES:
         raise ValidationError(f"scope must be app or account, got {scope!r}")
     q_unit = rollups.parse_unit(unit)

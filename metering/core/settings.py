@@ -21,8 +21,11 @@ POSITIVE_DURATIONS = (
     "aggregate_interval", "retention_interval", "limits_refresh_interval",
     "alert_webhook_timeout", "smtp_timeout", "alert_retry_base", "alert_retry_max",
     "alert_sweep_interval", "admission_refresh_interval", "admission_stale_after",
+    "billing_close_interval",
 )  # fmt: skip
-OTHER_DURATIONS = ("registry_refresh_interval", "key_cache_ttl", "count_cache_ttl")
+OTHER_DURATIONS = (
+    "registry_refresh_interval", "key_cache_ttl", "count_cache_ttl", "billing_grace",
+)  # fmt: skip
 UNITS = ("minute", "hour", "day", "month")  # retention_<unit>: empty keeps rows for ever
 
 
@@ -62,6 +65,10 @@ class Settings(BaseSettings):
     retention_day: timedelta | None = None
     retention_month: timedelta | None = None
     retention_interval: timedelta = timedelta(hours=1)
+    # The previous month is closed (its invoices made final) once this long after it ended,
+    # so that aggregates of its last seconds land first; checked every billing_close_interval.
+    billing_grace: timedelta = timedelta(hours=1)
+    billing_close_interval: timedelta = timedelta(minutes=5)
     key_cache_ttl: timedelta = timedelta(seconds=10)
     # How long the API reuses a live count it just read for the same app (0: never).
     count_cache_ttl: timedelta = timedelta(milliseconds=50)
@@ -181,6 +188,8 @@ class Settings(BaseSettings):
             raise ValueError("alert_max_attempts must be at least 1")
         if self.aggregate_max_samples < 1:
             raise ValueError("aggregate_max_samples must be at least 1")
+        if self.billing_grace < timedelta(0):
+            raise ValueError("billing_grace must not be negative")
         if self.flush_interval >= self.liveness_timeout:
             raise ValueError("flush_interval must be shorter than liveness_timeout")
         return self

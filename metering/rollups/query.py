@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 
 from metering.core.errors import ValidationError
 from metering.rollups.fold import UNIT_CODES, Coverage, period_end, period_start
@@ -332,3 +332,73 @@ def parse_millis(name: str, value: int | None, *, round_up: bool = False) -> int
     if not 0 <= value <= 253_402_300_799_999:  # year 9999
         raise ValidationError(f"{name} must be milliseconds since the epoch, got {value}")
     return -(-value // 1000) if round_up else value // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class MonthFigures:
+    """An entity's figures for one month (``_figures``' entry) and the rollups they come from:
+    ``"scope:entity:unit:period_start"`` keys, and ``"state"`` for the entity's state row."""
+
+    entry: dict[str, Any]
+    sources: tuple[str, ...]
+
+
+def _key(row: Any) -> str:
+    return f"{row['scope']}:{row['entity_id']}:{row['unit']}:{row['period_start']}"
+
+
+def months(
+    conn: Connection, scope: int, month_start: int, ctx: Context | None = None
+) -> dict[int, MonthFigures]:
+    """Every entity of ``scope`` with activity in the month starting at ``month_start``: the
+    same figures ``periods`` gives for that month, for all of them in three queries (a month
+    row, the entity's next month row, its state) instead of three per entity."""
+    ctx = ctx or Context(conn)
+    cov, unit, code = ctx.coverage, Unit.MONTH, UNIT_CODES[Unit.MONTH]
+    end = period_end(unit, month_start)
+    if cov.first is None or cov.last is None or cov.first_covered(month_start, end) is None:
+        return {}
+    t = UsageRollup.__table__
+    of_scope = (t.c.scope == scope) & (t.c.unit == code)
+    rows = {
+        r["entity_id"]: r
+        for r in conn.execute(select(t).where(of_scope & (t.c.period_start == month_start)))
+        .mappings()
+        .all()
+    }
+    later = (
+        select(t.c.entity_id, func.min(t.c.period_start).label("first"))
+        .where(of_scope & (t.c.period_start > month_start))
+        .group_by(t.c.entity_id)
+        .subquery()
+    )
+    after = {
+        r["entity_id"]: r
+        for r in conn.execute(
+            select(t)
+            .join(
+                later,
+                (t.c.entity_id == later.c.entity_id) & (t.c.period_start == later.c.first),
+            )
+            .where(of_scope)
+        )
+        .mappings()
+        .all()
+    }
+    states = {
+        s["entity_id"]: s
+        for s in conn.execute(select(UsageState).where(UsageState.scope == scope)).mappings().all()
+    }
+    out: dict[int, MonthFigures] = {}
+    for entity in rows.keys() | after.keys() | states.keys():
+        row, nxt, state = rows.get(entity), after.get(entity), states.get(entity)
+        now = _now_point(state, cov)
+        tail = _key(nxt) if nxt is not None else "state"
+        if row is not None:
+            entry = _entry(unit, month_start, row, nxt, now, cov)
+            out[entity] = MonthFigures(entry, (_key(row), tail))
+            continue
+        carried = _start_point(nxt) if nxt is not None else now
+        if carried is not None and (carried.conns or carried.channels):
+            out[entity] = MonthFigures(_carried_entry(unit, month_start, carried, cov), (tail,))
+    return out
