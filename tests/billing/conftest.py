@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,6 +16,7 @@ from sqlalchemy import update
 from billing import service
 from metering.accounts.models import Account
 from metering.core.database import get_engine, unit_of_work
+from metering.core.migrate import upgrade
 from metering.gateway.sdk import Meter
 from metering.limits import staff
 from metering.live.service import tick
@@ -72,8 +74,25 @@ class World:
         assert self.aggregator.run().committed
 
 
+@pytest.fixture(params=["postgres"])
+def backend(
+    request: pytest.FixtureRequest, env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
+    """The store of record: the session's Postgres, or (parametrized ``sqlite``) a SQLite
+    file built by the migrations, as in the embedded default."""
+    if request.param == "postgres":
+        yield "postgres"
+        return
+    before = env.vars["METERING_DATABASE_URL"]
+    url = f"sqlite:///{tmp_path / 'metering.db'}"
+    upgrade(url)
+    env.override(monkeypatch, METERING_DATABASE_URL=url)
+    yield "sqlite"
+    env.override(monkeypatch, METERING_DATABASE_URL=before)
+
+
 @pytest.fixture
-def world(env: Env) -> Iterator[World]:
+def world(env: Env, backend: str) -> Iterator[World]:
     a1 = tenant("billing", name="a")
     a2 = tenant("billing", account_id=a1.account_id, name="a")
     b, n = tenant("billing", name="b"), tenant("billing", name="n")

@@ -40,6 +40,7 @@ def counts() -> tuple[int, int, int]:
         )
 
 
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"], indirect=True)
 def test_invoices_are_exact_for_hand_computed_usage(world: World) -> None:
     w = world
     october(w)
@@ -98,6 +99,7 @@ def test_invoices_are_exact_for_hand_computed_usage(world: World) -> None:
     assert (figures["connections.all.peak"], figures["messages.all.count"]) == (9, 200)
 
 
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"], indirect=True)
 def test_closing_twice_changes_nothing(world: World) -> None:
     october(world)
     world.aggregate()
@@ -112,6 +114,7 @@ def test_closing_twice_changes_nothing(world: World) -> None:
     assert counts() == (1, 2, 10)
 
 
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"], indirect=True)
 def test_two_processes_closing_at_once_make_one_set(world: World, env: Env) -> None:
     october(world)
     world.aggregate()
@@ -135,6 +138,7 @@ def test_two_processes_closing_at_once_make_one_set(world: World, env: Env) -> N
     assert counts() == (1, 2, 10)
 
 
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"], indirect=True)
 def test_nothing_is_written_when_one_account_cannot_be_billed(world: World) -> None:
     w = world
     october(w)
