@@ -19,7 +19,7 @@ from billing.models import BASE_FEE, PRICED_METRICS
 # Wide enough that usage x price / size is exact before its one rounding (usage < 2^63 has 19
 # digits, a price 28): the default context's 28 digits could round twice.
 _EXACT = decimal.Context(prec=64, rounding=decimal.ROUND_HALF_UP)
-PEAK_METRICS = ("connections", "channels")
+_ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,20 +63,21 @@ class Line:
 def lines(pricing: Pricing, usage: dict[str, int], peaks: dict[str, Peak]) -> list[Line]:
     """The base fee's line, then one line per metric in ``PRICED_METRICS`` order."""
     cur = pricing.currency
+    nothing = money.round_amount(Decimal(0), cur)
     out = [Line(BASE_FEE, None, None, None, None, pricing.base_fee, pricing.base_fee)]
     for metric in PRICED_METRICS:
         used, price, peak = usage.get(metric, 0), pricing.prices.get(metric), peaks.get(metric)
         if price is None:  # not priced: in the base fee, whatever the usage
-            out.append(Line(metric, used, None, 0, None, Decimal(0), Decimal(0), peak))
+            out.append(Line(metric, used, None, 0, None, _ZERO, nothing, peak))
             continue
-        over = max(0, used - price.included)
-        cost = _EXACT.divide(_EXACT.multiply(Decimal(over), price.unit_price), price.unit_size)
-        amount = money.round_amount(cost, cur)
-        out.append(
-            Line(
-                metric, used, price.included, over, price.unit_size, price.unit_price, amount, peak
-            )
-        )
+        over = used - price.included
+        if over <= 0:
+            amount, over = nothing, 0
+        else:
+            cost = _EXACT.divide(_EXACT.multiply(Decimal(over), price.unit_price), price.unit_size)
+            amount = money.round_amount(cost, cur)
+        size, unit = price.unit_size, price.unit_price
+        out.append(Line(metric, used, price.included, over, size, unit, amount, peak))
     return out
 
 

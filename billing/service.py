@@ -25,6 +25,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Connection, select
 
 from billing import money, pricing
@@ -202,43 +204,57 @@ def draft(
     _check_currencies(repo.currencies_billed(month), billed, prices)
 
     ctx = query.Context(conn)
-    accounts = query.months(conn, ACCOUNT, ms, ctx)
-    apps = query.months(conn, APP, ms, ctx)
-    owner = repo.apps_of(account_ids)
-    top = _top_apps(apps, owner)
+    ids = np.array(sorted(billed), np.int64)
+    acc = query.month_usage(conn, ACCOUNT, ms, ctx)
+    apps = query.month_usage(conn, APP, ms, ctx)
+    app_ids, owners = repo.apps_of(account_ids)
+    top = {m: _top_apps(apps, app_ids, owners, ids, v) for m, v in
+           (("connections", apps.peak), ("channels", apps.ch_peak))}  # fmt: skip
     hours = repo.channel_peak_hours(ms, me)
     changes = repo.changes_within(start, at, account_ids)
     first = ctx.coverage.first_covered(ms, me)
     watermark = ctx.coverage.last
 
+    # Column-wise to lists once: the loop below reads plain ints.
+    k_of = acc.find(ids).tolist()
+    peak, peak_at, ch_peak = acc.peak.tolist(), acc.peak_at.tolist(), acc.ch_peak.tolist()
+    messages, data, row, after = (
+        acc.messages.tolist(), acc.data.tolist(), acc.row.tolist(), acc.after.tolist()
+    )  # fmt: skip
+    tops = {m: (t[0].tolist(), t[1].tolist()) for m, t in top.items()}
     out: list[NewInvoice] = []
-    total = len(billed)
-    for done, (account_id, package_id) in enumerate(sorted(billed.items()), start=1):
-        figures = accounts.get(account_id)
-        e: dict[str, Any] = figures.entry if figures is not None else {}
-        usage = {
-            "connections": int(e.get("connections.all.peak", 0)),
-            "channels": int(e.get("channels.peak", 0)),
-            "messages": int(e.get("messages.all.count", 0)),
-            "data": int(e.get("messages.all.data", 0)),
-        }
-        peaks: dict[str, Peak] = {}
+    total = len(ids)
+    zero = dict.fromkeys(PRICED_METRICS, 0)
+    for i, account_id in enumerate(ids.tolist()):
+        k = k_of[i]
         hour = hours.get(account_id)
-        if figures is not None and first is not None:
-            conns_app, ch_app = top.get(account_id, (None, None))
-            peaks["connections"] = Peak(
-                _utc(e["connections.all.peakAt"] // 1000), "second", *(conns_app or (None, None))
-            )
-            ch_at, resolution = (hour, "hour") if hour is not None else (first, "second")
-            peaks["channels"] = Peak(_utc(ch_at), resolution, *(ch_app or (None, None)))
-        price = prices[package_id]
+        sources: list[str] = []
+        if k < 0 or first is None:
+            usage, peaks = zero, {}
+        else:
+            usage = {"connections": peak[k], "channels": ch_peak[k], "messages": messages[k],
+                     "data": data[k]}  # fmt: skip
+            peaks = {
+                m: Peak(
+                    _utc(when), resolution,
+                    None if tops[m][0][i] < 0 else tops[m][0][i],
+                    None if tops[m][0][i] < 0 else tops[m][1][i],
+                )
+                for m, when, resolution in (
+                    ("connections", peak_at[k], "second"),
+                    ("channels", *((hour, "hour") if hour is not None else (first, "second"))),
+                )
+            }  # fmt: skip
+            if row[k]:
+                sources.append(f"{ACCOUNT}:{account_id}:4:{ms}")
+            sources.append("state" if after[k] < 0 else f"{ACCOUNT}:{account_id}:4:{after[k]}")
+            if hour is not None:
+                sources.append(f"{ACCOUNT}:{account_id}:2:{hour}")
+        price = prices[billed[account_id]]
         lines = pricing.lines(price, usage, peaks)
         amount = pricing.total(lines)
         if amount >= _MAX_TOTAL:
             raise ValidationError(f"account {account_id}'s {month} total is too large: {amount}")
-        sources = list(figures.sources) if figures is not None else []
-        if hour is not None:
-            sources.append(f"{ACCOUNT}:{account_id}:2:{hour}")
         out.append(
             NewInvoice(
                 account_id=account_id, pricing=price, total=amount, lines=lines,
@@ -246,8 +262,8 @@ def draft(
                 source={"rollups": sources, "watermark": watermark},
             )
         )  # fmt: skip
-        if progress is not None and (done % 1000 == 0 or done == total):
-            progress(done, total)
+        if progress is not None and ((i + 1) % 1000 == 0 or i + 1 == total):
+            progress(i + 1, total)
     return Draft(month, out, unbilled, watermark)
 
 
@@ -256,23 +272,29 @@ def _utc(second: int) -> datetime:
 
 
 def _top_apps(
-    apps: dict[int, query.MonthFigures], owner: dict[int, int]
-) -> dict[int, tuple[tuple[int, int] | None, tuple[int, int] | None]]:
-    """Per account: the (app, peak) with the highest connections peak of its own in the month,
-    and the same for channels (ties: the lower app id; none without a peak above 0)."""
-    best: dict[int, list[tuple[int, int] | None]] = {}
-    for app_id in sorted(apps):
-        account_id = owner.get(app_id)
-        if account_id is None:
-            continue
-        e = apps[app_id].entry
-        slot = best.setdefault(account_id, [None, None])
-        for i, name in enumerate(("connections.all.peak", "channels.peak")):
-            value = int(e[name])
-            held = slot[i]
-            if value > 0 and (held is None or value > held[1]):
-                slot[i] = (app_id, value)
-    return {a: (s[0], s[1]) for a, s in best.items()}
+    apps: query.MonthUsage,
+    app_ids: npt.NDArray[np.int64],
+    owners: npt.NDArray[np.int64],
+    accounts: npt.NDArray[np.int64],
+    value: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Per account of ``accounts``: the app with the highest ``value`` of its own in the month
+    and that value (ties: the lower app id; -1 and 0 without a value above 0).
+    ``app_ids`` (sorted) and ``owners``: every app and its account."""
+    at = np.searchsorted(app_ids, apps.ids)
+    at = np.minimum(at, max(len(app_ids) - 1, 0))
+    mine = (app_ids[at] == apps.ids) & (value > 0) if len(app_ids) else value < 0
+    app, owner, v = apps.ids[mine], owners[at[mine]], value[mine]
+    order = np.lexsort((app, -v, owner))  # by account, highest value first, then lower id
+    owner, app, v = owner[order], app[order], v[order]
+    firsts = np.unique(owner, return_index=True)[1]
+    best_owner, best_app, best_v = owner[firsts], app[firsts], v[firsts]
+    top_app, top_v = np.full(len(accounts), -1, np.int64), np.zeros(len(accounts), np.int64)
+    if len(best_owner):
+        pos = np.minimum(np.searchsorted(best_owner, accounts), len(best_owner) - 1)
+        hit = best_owner[pos] == accounts
+        top_app[hit], top_v[hit] = best_app[pos[hit]], best_v[pos[hit]]
+    return top_app, top_v
 
 
 def _check_prices(conn: Connection, billed: dict[int, int], prices: dict[int, Pricing]) -> None:
@@ -459,10 +481,7 @@ def view(row: dict[str, Any]) -> dict[str, Any]:
         "currency": cur,
         "total": money.text(row["total"], cur),
         "issuedAt": _iso(row["issued_at"]),
-        "packageChanges": [
-            {k: v for k, v in c.items() if k in {"at", "from", "to", "by"}}
-            for c in json.loads(row["package_changes"])
-        ],
+        "packageChanges": json.loads(row["package_changes"]),
         "lines": [
             _line_view(
                 cur,
@@ -497,10 +516,7 @@ def draft_view(inv: NewInvoice, month: str, now: datetime) -> dict[str, Any]:
         "currency": cur,
         "total": money.text(inv.total, cur),
         "asOf": _iso(now),
-        "packageChanges": [
-            {k: v for k, v in c.items() if k in {"at", "from", "to", "by"}}
-            for c in inv.package_changes
-        ],
+        "packageChanges": inv.package_changes,
         "lines": [
             _line_view(
                 cur,

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Connection, select
 
 from metering.core.errors import ValidationError
+from metering.rollups import bulk
 from metering.rollups.fold import UNIT_CODES, Coverage, period_end, period_start
 from metering.rollups.models import COUNTERS, UsageCursor, UsageGap, UsageRollup, UsageState
 from metering.rollups.periods import Unit, interval_id
@@ -335,70 +338,100 @@ def parse_millis(name: str, value: int | None, *, round_up: bool = False) -> int
 
 
 @dataclass(frozen=True, slots=True)
-class MonthFigures:
-    """An entity's figures for one month (``_figures``' entry) and the rollups they come from:
-    ``"scope:entity:unit:period_start"`` keys, and ``"state"`` for the entity's state row."""
+class MonthUsage:
+    """Column-wise, per entity of a scope with activity in one month (sorted by id): the
+    figures a month's bill is built on, equal to those ``periods`` gives for the month.
 
-    entry: dict[str, Any]
-    sources: tuple[str, ...]
+    ``row``: the entity has a month row (else its value carried through the month: its peaks
+    are that value, at the month's first counted second, and it counted nothing).
+    ``after``: the start of the month row the totals at the month's end were read from, or -1
+    for the entity's state row."""
+
+    ids: npt.NDArray[np.int64]
+    peak: npt.NDArray[np.int64]
+    peak_at: npt.NDArray[np.int64]
+    ch_peak: npt.NDArray[np.int64]
+    messages: npt.NDArray[np.int64]  # published + delivered
+    data: npt.NDArray[np.int64]  # their bytes
+    row: npt.NDArray[np.bool_]
+    after: npt.NDArray[np.int64]
+
+    def find(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Indices of ``ids`` here, -1 for those without activity in the month."""
+        at = np.searchsorted(self.ids, ids)
+        at = np.minimum(at, max(len(self.ids) - 1, 0))
+        hit = (self.ids[at] == ids) if len(self.ids) else np.zeros(len(ids), np.bool_)
+        return np.where(hit, at, -1)
 
 
-def _key(row: Any) -> str:
-    return f"{row['scope']}:{row['entity_id']}:{row['unit']}:{row['period_start']}"
+_MONTH_COLUMNS = ("conns0", "channels0", "pub_n0", "pub_b0", "del_n0", "del_b0")
+_STATE_COLUMNS = ("conns", "channels", "pub_n", "pub_b", "del_n", "del_b")
 
 
-def months(
+def month_usage(
     conn: Connection, scope: int, month_start: int, ctx: Context | None = None
-) -> dict[int, MonthFigures]:
-    """Every entity of ``scope`` with activity in the month starting at ``month_start``: the
-    same figures ``periods`` gives for that month, for all of them in three queries (a month
-    row, the entity's next month row, its state) instead of three per entity."""
+) -> MonthUsage:
+    """Every entity of ``scope`` with activity in the month starting at ``month_start``, in
+    three bulk reads (its month row, its next month row, its state), not three per entity."""
     ctx = ctx or Context(conn)
-    cov, unit, code = ctx.coverage, Unit.MONTH, UNIT_CODES[Unit.MONTH]
-    end = period_end(unit, month_start)
-    if cov.first is None or cov.last is None or cov.first_covered(month_start, end) is None:
-        return {}
-    t = UsageRollup.__table__
-    of_scope = (t.c.scope == scope) & (t.c.unit == code)
-    rows = {
-        r["entity_id"]: r
-        for r in conn.execute(select(t).where(of_scope & (t.c.period_start == month_start)))
-        .mappings()
-        .all()
-    }
-    later = (
-        select(t.c.entity_id, func.min(t.c.period_start).label("first"))
-        .where(of_scope & (t.c.period_start > month_start))
-        .group_by(t.c.entity_id)
-        .subquery()
+    cov, code = ctx.coverage, UNIT_CODES[Unit.MONTH]
+    first = cov.first_covered(month_start, period_end(Unit.MONTH, month_start))
+    if first is None:
+        empty = np.zeros(0, np.int64)
+        return MonthUsage(empty, empty, empty, empty, empty, empty, np.zeros(0, np.bool_), empty)
+    of = f"scope = {int(scope)} AND unit = {code}"
+    rows = bulk.select_array(
+        conn,
+        f"SELECT entity_id, {', '.join(_MONTH_COLUMNS)}, peak, peak_at, ch_peak "  # noqa: S608
+        f"FROM usage_rollups WHERE {of} AND period_start = {int(month_start)} "
+        "ORDER BY entity_id",
+        "usage_rollups",
+        ("entity_id", *_MONTH_COLUMNS, "peak", "peak_at", "ch_peak"),
     )
-    after = {
-        r["entity_id"]: r
-        for r in conn.execute(
-            select(t)
-            .join(
-                later,
-                (t.c.entity_id == later.c.entity_id) & (t.c.period_start == later.c.first),
-            )
-            .where(of_scope)
-        )
-        .mappings()
-        .all()
-    }
-    states = {
-        s["entity_id"]: s
-        for s in conn.execute(select(UsageState).where(UsageState.scope == scope)).mappings().all()
-    }
-    out: dict[int, MonthFigures] = {}
-    for entity in rows.keys() | after.keys() | states.keys():
-        row, nxt, state = rows.get(entity), after.get(entity), states.get(entity)
-        now = _now_point(state, cov)
-        tail = _key(nxt) if nxt is not None else "state"
-        if row is not None:
-            entry = _entry(unit, month_start, row, nxt, now, cov)
-            out[entity] = MonthFigures(entry, (_key(row), tail))
-            continue
-        carried = _start_point(nxt) if nxt is not None else now
-        if carried is not None and (carried.conns or carried.channels):
-            out[entity] = MonthFigures(_carried_entry(unit, month_start, carried, cov), (tail,))
-    return out
+    nxt = bulk.select_array(
+        conn,
+        f"SELECT r.entity_id, r.period_start, {', '.join('r.' + c for c in _MONTH_COLUMNS)} "  # noqa: S608
+        f"FROM usage_rollups r JOIN (SELECT entity_id, MIN(period_start) AS period_start "
+        f"FROM usage_rollups WHERE {of} AND period_start > {int(month_start)} "
+        f"GROUP BY entity_id) n ON r.entity_id = n.entity_id "
+        f"AND r.period_start = n.period_start WHERE r.{of.replace(' AND ', ' AND r.')} "
+        "ORDER BY r.entity_id",
+        "usage_rollups",
+        ("entity_id", "period_start", *_MONTH_COLUMNS),
+    )
+    states = bulk.select_array(
+        conn,
+        f"SELECT entity_id, {', '.join(_STATE_COLUMNS)} FROM usage_state "  # noqa: S608
+        f"WHERE scope = {int(scope)} ORDER BY entity_id",
+        "usage_state",
+        ("entity_id", *_STATE_COLUMNS),
+    )
+    ids = np.union1d(np.union1d(rows[:, 0], nxt[:, 0]), states[:, 0])
+    n = len(ids)
+    # The values and totals at the month's end: from the next row's start, else the state.
+    end = np.zeros((n, len(_STATE_COLUMNS)), np.int64)
+    after = np.full(n, -1, np.int64)
+    known = np.zeros(n, np.bool_)
+    s_at = np.searchsorted(ids, states[:, 0])
+    end[s_at] = states[:, 1:]
+    known[s_at] = True
+    n_at = np.searchsorted(ids, nxt[:, 0])
+    end[n_at] = nxt[:, 2:]
+    after[n_at] = nxt[:, 1]
+    known[n_at] = True
+    row = np.zeros(n, np.bool_)
+    r_at = np.searchsorted(ids, rows[:, 0])
+    row[r_at] = True
+    # Carried through the month: the value held, which covers every counted second of it.
+    peak, peak_at, ch_peak = end[:, 0].copy(), np.full(n, first, np.int64), end[:, 1].copy()
+    messages, data = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    peak[r_at], peak_at[r_at], ch_peak[r_at] = rows[:, 7], rows[:, 8], rows[:, 9]
+    start = rows[:, 3:7]  # pub_n0, pub_b0, del_n0, del_b0
+    fin = end[r_at, 2:6]
+    messages[r_at] = (fin[:, 0] - start[:, 0]) + (fin[:, 2] - start[:, 2])
+    data[r_at] = (fin[:, 1] - start[:, 1]) + (fin[:, 3] - start[:, 3])
+    active = row | (known & ((end[:, 0] != 0) | (end[:, 1] != 0)))
+    return MonthUsage(
+        ids[active], peak[active], peak_at[active], ch_peak[active], messages[active],
+        data[active], row[active], after[active],
+    )  # fmt: skip

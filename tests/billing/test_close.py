@@ -16,6 +16,9 @@ from billing.models import BillingMonth, Invoice, InvoiceLine
 from metering.core.database import get_engine, unit_of_work
 from metering.core.errors import MeteringError
 from metering.limits import staff
+from metering.rollups import query
+from metering.rollups.fold import ACCOUNT
+from metering.rollups.periods import Unit
 from tests import processes
 from tests.billing.conftest import END, MONTH, World, at, october
 from tests.conftest import Env
@@ -93,10 +96,15 @@ def test_invoices_are_exact_for_hand_computed_usage(world: World) -> None:
         ("data", 0, "0.00"),
     ]  # fmt: skip
 
-    # The same figures as the stats API gives finance's customers.
+    # The figures the stats API gives the customer for the month.
     with get_engine().connect() as conn:
-        figures = service.query.months(conn, 2, END - 31 * 86400)[w.a].entry
-    assert (figures["connections.all.peak"], figures["messages.all.count"]) == (9, 200)
+        month = query.Query(ACCOUNT, w.a, Unit.MONTH, start=END - 31 * 86400, end=END)
+        [stats] = query.periods(conn, month)
+    assert (stats["connections.all.peak"], stats["connections.all.peakAt"], stats["channels.peak"],
+            stats["messages.all.count"], stats["messages.all.data"]) == (
+        conns["usage"], (END - 9) * 1000, ch["usage"],
+        msg["usage"], data["usage"],
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"], indirect=True)
