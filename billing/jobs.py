@@ -56,6 +56,8 @@ def close_due(engine: Engine, *, grace: timedelta, now: datetime | None = None) 
     with engine.connect() as conn:
         if service.is_closed(conn, month):
             return {"month": month, "status": "closed already"}
+        if not service.counted_in(conn, month):
+            return {"month": month, "status": "nothing counted in it"}
         if not service.aggregated_through(conn, month):
             log.warning("billing.close_waiting_for_rollups", month=month)
             return {"month": month, "status": "waiting for the rollups"}

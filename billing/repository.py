@@ -262,9 +262,12 @@ class BillingRepository:
         )
         return dict(self.conn.execute(q).all())
 
-    def watermark(self) -> int | None:
-        """The last second the aggregation folded (None: nothing yet)."""
-        return self.conn.execute(select(UsageCursor.second).where(UsageCursor.id == 1)).scalar()
+    def coverage(self) -> tuple[int | None, int | None]:
+        """The first second the aggregation counted, and the last it folded (None: none)."""
+        row = self.conn.execute(
+            select(UsageCursor.first_second, UsageCursor.second).where(UsageCursor.id == 1)
+        ).first()
+        return (None, None) if row is None else (row[0], row[1])
 
     # -- months closed and invoices ---------------------------------------------------
 

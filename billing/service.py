@@ -368,7 +368,12 @@ def close(
     done = repo.closed(month)
     if done is not None:
         return _summary(repo, month, closed_now=False, closed_at=done.closed_at)
-    watermark = repo.watermark()
+    first, watermark = repo.coverage()
+    if first is not None and not counted_in(conn, month):
+        raise ValidationError(
+            f"nothing was counted in {month}: counting began {_utc(first).isoformat()}",
+            code="MONTH_NOT_COUNTED",
+        )
     if not aggregated_through(conn, month) or watermark is None:
         folded = "nothing yet" if watermark is None else _utc(watermark).isoformat()
         raise ValidationError(
@@ -404,8 +409,16 @@ def is_closed(conn: Connection, month: str) -> bool:
 def aggregated_through(conn: Connection, month: str) -> bool:
     """Whether the rollups reach the month's end (its last second is folded)."""
     _ms, me = month_bounds(parse_month(month))
-    watermark = BillingRepository(conn).watermark()
-    return watermark is not None and watermark >= me - 1
+    _first, last = BillingRepository(conn).coverage()
+    return last is not None and last >= me - 1
+
+
+def counted_in(conn: Connection, month: str) -> bool:
+    """Whether the engine had begun counting by the month's end: a month before it has no
+    usage to bill, and closing it would bill base fees for nothing it saw."""
+    _ms, me = month_bounds(parse_month(month))
+    first, _last = BillingRepository(conn).coverage()
+    return first is not None and first < me
 
 
 def due(now: datetime, grace: timedelta) -> str | None:

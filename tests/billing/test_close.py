@@ -163,6 +163,8 @@ def test_nothing_is_written_when_one_account_cannot_be_billed(world: World) -> N
     # (USD) in September; in October its package is priced in EUR.
     with get_engine().begin() as conn:
         conn.execute(text("UPDATE accounts SET created_at = '2026-09-01T00:00:00Z'"))
+        # The engine counted since September (nothing happened before October's end).
+        conn.execute(text(f"UPDATE usage_cursor SET first_second = {END - 61 * 86400}"))
         service.set_prices(conn, "unpriced", currency="EUR", base_fee="10.00", prices={},
                            by="finance")  # fmt: skip
     with unit_of_work() as session:
@@ -184,6 +186,7 @@ def test_nothing_is_written_when_one_account_cannot_be_billed(world: World) -> N
         ("26-10", AFTER, "INVALID_REQUEST"),
         ("2026-10", datetime.fromtimestamp(END - 1, UTC), "MONTH_NOT_OVER"),
         ("2027-01", AFTER, "MONTH_NOT_OVER"),
+        ("2026-09", AFTER, "MONTH_NOT_COUNTED"),  # counting began on October 31st
     ],
 )
 def test_a_month_that_is_not_a_past_month_is_refused(
@@ -245,6 +248,19 @@ def test_late_aggregates_land_before_the_periodic_close(world: World) -> None:
     again = jobs.close_due(get_engine(), grace=grace, now=month_end + timedelta(minutes=71))
     assert again == {"month": MONTH, "status": "closed already"}
     assert {ln["metric"]: ln["usage"] for ln in stored()[w.a]["lines"]}["connections"] == 12
+
+
+def test_the_periodic_close_leaves_a_month_the_engine_never_counted(world: World) -> None:
+    # A fresh install: accounts (created before) but nothing counted yet; then counting begins
+    # in November. October is never billed base fees for usage the engine never saw.
+    now = datetime.fromtimestamp(END, UTC) + timedelta(hours=2)
+    world.t = END + 60
+    for _ in range(2):
+        got = jobs.close_due(get_engine(), grace=timedelta(hours=1), now=now)
+        assert got == {"month": MONTH, "status": "nothing counted in it"}
+        world.until(world.t + 5)
+        world.aggregate()
+    assert counts() == (0, 0, 0)
 
 
 def test_due_month_and_grace() -> None:
