@@ -10,6 +10,7 @@ through a float.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -64,8 +65,10 @@ class PricesIn(_Body):
         "Every account's final invoice for `month` (YYYY-MM, UTC), with its lines: the base fee, "
         "then per metric the usage, what is included, the overage, the unit price and the "
         "amount (money as decimal text); for the peak metrics when the peak was reached and "
-        "the app with the highest peak of its own. 404 `MONTH_NOT_CLOSED` before the month is "
-        "closed. Requires a key with the billing permission."
+        "the app with the highest peak of its own. By account, `limit` at a time (1000 by "
+        "default): a full page is followed by `after=<its last accountId>`. 404 "
+        "`MONTH_NOT_CLOSED` before the month is closed. Requires a key with the billing "
+        "permission."
     ),
     openapi_extra={"parameters": [API_KEY_PARAMETER]},
 )
@@ -73,9 +76,14 @@ async def list_invoices(
     request: Request,
     key: BillingKey,
     month: Annotated[str, Query(description="YYYY-MM (UTC)")],
+    after: Annotated[
+        int | None, Query(description="only accounts after this id (the last one of a page)")
+    ] = None,
+    limit: Annotated[int, Query(description="at most this many, 1 to 10000")] = 1000,
 ) -> dict[str, Any]:
-    only_parameters(request, frozenset({"month"}))
-    return ok(await run_in_threadpool(jobs.invoices, get_engine(), month))
+    only_parameters(request, frozenset({"month", "after", "limit"}))
+    page = partial(jobs.invoices, get_engine(), month, after=after, limit=limit)
+    return ok(await run_in_threadpool(page))
 
 
 @router.get(

@@ -72,9 +72,11 @@ def preview(engine: Engine, account_id: int, *, now: datetime | None = None) -> 
     return service.draft_view(draft, service.month_of(now), now)
 
 
-def invoices(engine: Engine, month: str) -> list[dict[str, Any]]:
+def invoices(
+    engine: Engine, month: str, *, after: int | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
     with engine.connect() as conn:
-        return service.invoices(conn, month)
+        return service.invoices(conn, month, after=after, limit=limit)
 
 
 def invoice(engine: Engine, invoice_id: int) -> dict[str, Any]:

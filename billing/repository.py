@@ -357,31 +357,30 @@ class BillingRepository:
         return [(c, t) for c, t in self.conn.execute(q).all()]
 
     def invoices(
-        self, *, month: str | None = None, account_id: int | None = None,
-        invoice_id: int | None = None,
+        self, *, month: str | None = None, invoice_id: int | None = None,
+        after: int | None = None, limit: int | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
-        """Invoices with their lines (``lines``: dicts in position order), by account."""
+        """Invoices with their lines (``lines``: dicts in position order), by month and account;
+        ``after``: only accounts after this one; ``limit``: at most this many."""
         i = Invoice.__table__
         q = select(i).order_by(i.c.month, i.c.account_id)
         if month is not None:
             q = q.where(i.c.month == month)
-        if account_id is not None:
-            q = q.where(i.c.account_id == account_id)
         if invoice_id is not None:
             q = q.where(i.c.id == invoice_id)
+        if after is not None:
+            q = q.where(i.c.account_id > after)
+        if limit is not None:
+            q = q.limit(limit)
         heads = [dict(r) for r in self.conn.execute(q).mappings().all()]
         if not heads:
             return []
         ln = InvoiceLine.__table__
         lq = select(ln).order_by(ln.c.invoice_id, ln.c.position)
-        if invoice_id is not None:
-            lq = lq.where(ln.c.invoice_id == invoice_id)
+        if invoice_id is not None or limit is not None:
+            lq = lq.where(ln.c.invoice_id.in_([h["id"] for h in heads]))
         else:
-            lq = lq.join(i, i.c.id == ln.c.invoice_id)
-            if month is not None:
-                lq = lq.where(i.c.month == month)
-            if account_id is not None:
-                lq = lq.where(i.c.account_id == account_id)
+            lq = lq.join(i, i.c.id == ln.c.invoice_id).where(i.c.month == month)
         per: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for r in self.conn.execute(lq).mappings().all():
             per[r["invoice_id"]].append(dict(r))

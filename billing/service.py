@@ -447,8 +447,16 @@ def preview(conn: Connection, account_id: int, *, now: datetime | None = None) -
     return d.invoices[0]
 
 
-def invoices(conn: Connection, month: str) -> list[dict[str, Any]]:
-    """The final invoices of a closed month, by account."""
+MAX_PAGE = 10_000
+
+
+def invoices(
+    conn: Connection, month: str, *, after: int | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The final invoices of a closed month, by account (a page of them: those of accounts
+    after ``after``, at most ``limit``)."""
+    if limit is not None and not 1 <= limit <= MAX_PAGE:
+        raise ValidationError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
     parse_month(month)
     repo = BillingRepository(conn)
     if repo.closed(month) is None:
@@ -457,7 +465,7 @@ def invoices(conn: Connection, month: str) -> list[dict[str, Any]]:
             "(`metering billing close`, or a preview per account)",
             code="MONTH_NOT_CLOSED",
         )
-    return [view(i) for i in repo.invoices(month=month)]
+    return [view(i) for i in repo.invoices(month=month, after=after, limit=limit)]
 
 
 def invoice(conn: Connection, invoice_id: int) -> dict[str, Any]:

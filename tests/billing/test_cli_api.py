@@ -175,6 +175,10 @@ def test_invoices_over_the_api(closed: World, client: TestClient) -> None:
     invoices = listed.json()["result"]
     totals = [(i["accountId"], i["total"]) for i in invoices]
     assert totals == [(w.a, "56.03"), (w.b.account_id, "49.00")]
+    first = client.get("/v1/invoices", params={"month": MONTH, "limit": 1}, headers=h)
+    assert first.json()["result"] == invoices[:1]
+    rest = client.get("/v1/invoices", params={"month": MONTH, "limit": 1, "after": w.a}, headers=h)
+    assert rest.json()["result"] == invoices[1:]
     one = client.get(f"/v1/invoices/{invoices[0]['id']}", headers=h)
     assert one.json()["result"] == invoices[0]
     preview = client.get("/v1/invoices/preview", params={"account": w.a}, headers=h)
@@ -189,6 +193,8 @@ def test_invoices_over_the_api(closed: World, client: TestClient) -> None:
         ("/v1/invoices", {"month": "2026-09"}, h, 404, "MONTH_NOT_CLOSED"),
         ("/v1/invoices", {}, h, 400, "INVALID_REQUEST"),
         ("/v1/invoices", {"month": MONTH, "page": "2"}, h, 400, "INVALID_REQUEST"),
+        ("/v1/invoices", {"month": MONTH, "limit": "0"}, h, 400, "INVALID_REQUEST"),
+        ("/v1/invoices", {"month": MONTH, "limit": "10001"}, h, 400, "INVALID_REQUEST"),
         ("/v1/invoices/999", {}, h, 404, "INVOICE_NOT_FOUND"),
         ("/v1/invoices/99999999999", {}, h, 404, "INVOICE_NOT_FOUND"),
         ("/v1/invoices/x", {}, h, 400, "INVALID_REQUEST"),
