@@ -15,6 +15,7 @@ from metering.api import admin, limits, stats
 from metering.api.auth import KeyCache
 from metering.api.envelope import install_error_handlers, ok
 from metering.core.settings import Settings, get_settings
+from metering.dashboard import endpoints as dashboard
 from metering.gateway.server import build_admission, build_registry
 from metering.live.service import LiveCounts
 from metering.live.wiring import datacenter_readers
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stats.router)
     app.include_router(limits.router)
     app.include_router(billing.router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness of the API process")
     async def healthz() -> dict[str, object]:

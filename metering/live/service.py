@@ -138,6 +138,11 @@ class LiveCounts:
         """The app's WebSocket connections open now, on all frontends of all datacenters."""
         return await self._reads.get(app, lambda: self._read(app, Transport.WEBSOCKET))
 
+    async def all_transports(self, app: str) -> dict[Transport, int]:
+        """The app's connections open now, per realtime transport (not coalesced: the
+        dashboard asks once a second, not thousands of times)."""
+        return {t: await self._read(app, t) for t in Transport}
+
     async def _read(self, app: str, transport: Transport) -> int:
         total = 0
         for reader in self.readers.values():
