@@ -6,7 +6,6 @@ go by COPY on Postgres.
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,35 +59,30 @@ def _n(value: int | None) -> str:
     return "\\N" if value is None else str(value)
 
 
-def _invoice_text(
-    ids: Sequence[int], month: str, invoices: Sequence[NewInvoice], now: datetime
-) -> Iterator[str]:
-    """The invoices as COPY text rows (``_INVOICE_COLUMNS``)."""
-    issued = now.isoformat()
-    for iid, inv in zip(ids, invoices, strict=True):
-        p = inv.pricing
-        changes = json.dumps(inv.package_changes) if inv.package_changes else "[]"
-        source = json.dumps(inv.source, separators=(",", ":"))
+def _invoice_text(iid: int, month: str, inv: NewInvoice, issued: str) -> str:
+    """An invoice as a COPY text row (``_INVOICE_COLUMNS``)."""
+    p = inv.pricing
+    changes = json.dumps(inv.package_changes) if inv.package_changes else "[]"
+    source = json.dumps(inv.source, separators=(",", ":"))
+    return (
+        f"{iid}\t{inv.account_id}\t{month}\t{p.package_id}\t"
+        f"{p.package_name.translate(_COPY_ESCAPES)}\t{p.currency}\t{inv.total:f}\t{issued}\t"
+        f"{changes.translate(_COPY_ESCAPES)}\t{source.translate(_COPY_ESCAPES)}\n"
+    )
+
+
+def _line_text(iid: int, inv: NewInvoice) -> Iterator[str]:
+    """Its lines as COPY text rows (``_LINE_COLUMNS``)."""
+    for pos, ln in enumerate(inv.lines):
+        pk = ln.peak
+        peak = "\\N\t\\N\t\\N\t\\N"
+        if pk is not None:
+            top = f"{_n(pk.top_app_id)}\t{_n(pk.top_app_peak)}"
+            peak = f"{pk.at.isoformat()}\t{pk.resolution}\t{top}"
         yield (
-            f"{iid}\t{inv.account_id}\t{month}\t{p.package_id}\t"
-            f"{p.package_name.translate(_COPY_ESCAPES)}\t{p.currency}\t{inv.total:f}\t{issued}\t"
-            f"{changes.translate(_COPY_ESCAPES)}\t{source.translate(_COPY_ESCAPES)}\n"
+            f"{iid}\t{pos}\t{ln.metric}\t{_n(ln.usage)}\t{_n(ln.included)}\t"
+            f"{_n(ln.overage)}\t{_n(ln.unit_size)}\t{ln.unit_price:f}\t{ln.amount:f}\t{peak}\n"
         )
-
-
-def _line_text(ids: Sequence[int], invoices: Sequence[NewInvoice]) -> Iterator[str]:
-    """Their lines as COPY text rows (``_LINE_COLUMNS``)."""
-    for iid, inv in zip(ids, invoices, strict=True):
-        for pos, ln in enumerate(inv.lines):
-            pk = ln.peak
-            peak = "\\N\t\\N\t\\N\t\\N"
-            if pk is not None:
-                top = f"{_n(pk.top_app_id)}\t{_n(pk.top_app_peak)}"
-                peak = f"{pk.at.isoformat()}\t{pk.resolution}\t{top}"
-            yield (
-                f"{iid}\t{pos}\t{ln.metric}\t{_n(ln.usage)}\t{_n(ln.included)}\t"
-                f"{_n(ln.overage)}\t{_n(ln.unit_size)}\t{ln.unit_price:f}\t{ln.amount:f}\t{peak}\n"
-            )
 
 
 class BillingRepository:
@@ -296,22 +290,44 @@ class BillingRepository:
             )
         )
 
-    def insert_invoices(self, month: str, invoices: Sequence[NewInvoice], now: datetime) -> None:
-        """Every invoice of the month and its lines, in bulk (COPY on Postgres)."""
-        if not invoices:
+    def insert_invoices(
+        self, month: str, invoices: Iterable[NewInvoice], count: int, now: datetime
+    ) -> None:
+        """The month's ``count`` invoices and their lines, in bulk. On Postgres each invoice's
+        lines go into a COPY as soon as it is computed: the server stores them while the next
+        ones are computed (two cores at work, not one after the other)."""
+        ids = self._new_ids(count)
+        if self.conn.dialect.name != "postgresql":
+            self._insert_rows(month, list(zip(ids, invoices, strict=True)), now)
             return
-        ids = self._new_ids(len(invoices))
-        if self.conn.dialect.name == "postgresql":
-            self._copy("invoices", _INVOICE_COLUMNS, _invoice_text(ids, month, invoices, now))
-            self._copy("invoice_lines", _LINE_COLUMNS, _line_text(ids, invoices))
-            return
+        raw: Any = self.conn.connection.driver_connection
+        heads: list[str] = []
+        buffered: list[str] = []
+        issued = now.isoformat()
+        columns = ", ".join(_LINE_COLUMNS)
+        with raw.cursor().copy(f"COPY invoice_lines ({columns}) FROM STDIN") as copy:
+            for iid, inv in zip(ids, invoices, strict=True):
+                heads.append(_invoice_text(iid, month, inv, issued))
+                buffered.extend(_line_text(iid, inv))
+                if len(buffered) >= 10_000:
+                    copy.write("".join(buffered))
+                    buffered.clear()
+            copy.write("".join(buffered))
+        with raw.cursor().copy(f"COPY invoices ({', '.join(_INVOICE_COLUMNS)}) FROM STDIN") as copy:
+            for start in range(0, len(heads), 10_000):
+                copy.write("".join(heads[start : start + 10_000]))
+
+    def _insert_rows(
+        self, month: str, invoices: list[tuple[int, NewInvoice]], now: datetime
+    ) -> None:
+        """SQLite: rows by executemany."""
         heads = [
             (
                 iid, inv.account_id, month, inv.pricing.package_id, inv.pricing.package_name,
                 inv.pricing.currency, inv.total, now, json.dumps(inv.package_changes),
                 json.dumps(inv.source, separators=(",", ":")),
             )
-            for iid, inv in zip(ids, invoices, strict=True)
+            for iid, inv in invoices
         ]  # fmt: skip
         lines = [
             (
@@ -322,15 +338,13 @@ class BillingRepository:
                 None if ln.peak is None else ln.peak.top_app_id,
                 None if ln.peak is None else ln.peak.top_app_peak,
             )
-            for iid, inv in zip(ids, invoices, strict=True)
+            for iid, inv in invoices
             for pos, ln in enumerate(inv.lines)
         ]  # fmt: skip
-        self.conn.execute(
-            insert(Invoice), [dict(zip(_INVOICE_COLUMNS, r, strict=True)) for r in heads]
-        )
-        self.conn.execute(
-            insert(InvoiceLine), [dict(zip(_LINE_COLUMNS, r, strict=True)) for r in lines]
-        )
+        for model, columns, rows in ((Invoice, _INVOICE_COLUMNS, heads),
+                                     (InvoiceLine, _LINE_COLUMNS, lines)):  # fmt: skip
+            if rows:
+                self.conn.execute(insert(model), [dict(zip(columns, r, strict=True)) for r in rows])
 
     def _new_ids(self, n: int) -> list[int]:
         if self.conn.dialect.name == "postgresql":
@@ -342,14 +356,6 @@ class BillingRepository:
         # SQLite: this transaction holds the only write lock (the month's row is written).
         first = (self.conn.execute(select(func.max(Invoice.id))).scalar() or 0) + 1
         return list(range(first, first + n))
-
-    def _copy(self, table: str, columns: Sequence[str], rows: Iterator[str]) -> None:
-        """COPY rows already in COPY's text format (psycopg's ``write_row`` adapts value by
-        value: several times slower for the half million cells of a large close)."""
-        raw: Any = self.conn.connection.driver_connection
-        with raw.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-            while block := "".join(itertools.islice(rows, 10_000)):
-                copy.write(block)
 
     def totals(self, month: str) -> list[tuple[str, Decimal]]:
         """(currency, total) of every invoice of the month."""

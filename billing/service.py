@@ -19,7 +19,7 @@ Services never commit: the caller's transaction does (``billing.jobs``).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -170,15 +170,18 @@ def month_of(moment: datetime) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """The invoices a month would get now, and the accounts it bills none (no package)."""
+    """The invoices a month would get now (``count`` of them, computed as they are read, so
+    that the close writes each while the next is computed), and the accounts it bills none
+    (no package)."""
 
     month: str
-    invoices: list[NewInvoice]
+    invoices: Iterator[NewInvoice]
+    count: int
     unbilled: list[int] = field(default_factory=list)
     watermark: int | None = None
 
 
-def draft(
+def draft(  # noqa: PLR0915 (the month's bulk reads, then the closure that bills one account)
     conn: Connection,
     month: str,
     *,
@@ -222,10 +225,16 @@ def draft(
         acc.messages.tolist(), acc.data.tolist(), acc.row.tolist(), acc.after.tolist()
     )  # fmt: skip
     tops = {m: (t[0].tolist(), t[1].tolist()) for m, t in top.items()}
-    out: list[NewInvoice] = []
     total = len(ids)
     zero = dict.fromkeys(PRICED_METRICS, 0)
-    for i, account_id in enumerate(ids.tolist()):
+
+    def make() -> Iterator[NewInvoice]:
+        for i, account_id in enumerate(ids.tolist()):
+            yield bill(i, account_id)
+            if progress is not None and ((i + 1) % 1000 == 0 or i + 1 == total):
+                progress(i + 1, total)
+
+    def bill(i: int, account_id: int) -> NewInvoice:
         k = k_of[i]
         hour = hours.get(account_id)
         sources: list[str] = []
@@ -255,16 +264,13 @@ def draft(
         amount = pricing.total(lines)
         if amount >= _MAX_TOTAL:
             raise ValidationError(f"account {account_id}'s {month} total is too large: {amount}")
-        out.append(
-            NewInvoice(
-                account_id=account_id, pricing=price, total=amount, lines=lines,
-                package_changes=changes.get(account_id, []),
-                source={"rollups": sources, "watermark": watermark},
-            )
+        return NewInvoice(
+            account_id=account_id, pricing=price, total=amount, lines=lines,
+            package_changes=changes.get(account_id, []),
+            source={"rollups": sources, "watermark": watermark},
         )  # fmt: skip
-        if progress is not None and ((i + 1) % 1000 == 0 or i + 1 == total):
-            progress(i + 1, total)
-    return Draft(month, out, unbilled, watermark)
+
+    return Draft(month, make(), total, unbilled, watermark)
 
 
 def _utc(second: int) -> datetime:
@@ -382,9 +388,9 @@ def close(
             code="MONTH_NOT_AGGREGATED",
         )
     d = draft(conn, month, now=now, progress=progress)
-    repo.mark_closed(month, by=by, invoices=len(d.invoices), watermark=watermark, now=now)
-    repo.insert_invoices(month, d.invoices, now)
-    log.info("billing.month_closed", month=month, invoices=len(d.invoices), by=by)
+    repo.mark_closed(month, by=by, invoices=d.count, watermark=watermark, now=now)
+    repo.insert_invoices(month, d.invoices, d.count, now)
+    log.info("billing.month_closed", month=month, invoices=d.count, by=by)
     return _summary(repo, month, closed_now=True, closed_at=now, unbilled=len(d.unbilled))
 
 
@@ -438,13 +444,13 @@ def preview(conn: Connection, account_id: int, *, now: datetime | None = None) -
     )
     if not exists:
         raise NotFoundError(f"account {account_id} does not exist", code="ACCOUNT_NOT_FOUND")
-    d = draft(conn, month_of(now), now=now, account_ids=[account_id])
-    if not d.invoices:
+    found = list(draft(conn, month_of(now), now=now, account_ids=[account_id]).invoices)
+    if not found:
         raise ValidationError(
             f"account {account_id} is on no package: it has nothing to bill",
             code="ACCOUNT_WITHOUT_PACKAGE",
         )
-    return d.invoices[0]
+    return found[0]
 
 
 MAX_PAGE = 10_000

@@ -110,10 +110,6 @@ def upgrade() -> None:
             "metric IN ('base_fee', 'connections', 'channels', 'messages', 'data')",
             name=op.f("ck_invoice_lines_metric_known"),
         ),
-        sa.ForeignKeyConstraint(
-            ["invoice_id"], ["invoices.id"],
-            name=op.f("fk_invoice_lines_invoice_id_invoices"), ondelete="CASCADE",
-        ),
         sa.PrimaryKeyConstraint("invoice_id", "position", name=op.f("pk_invoice_lines")),
     )  # fmt: skip
 
