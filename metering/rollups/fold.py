@@ -188,8 +188,9 @@ class Book:
 
     Entity ``i`` is row ``i`` of ``state`` (``S_*`` columns) and of ``rows[u]`` (``R_*``
     columns) for each unit ``u``, finest first; a row whose ``R_START`` is -1 does not exist
-    yet, one whose ``R_PEAK`` is -1 has no counted second yet. ``dirty_state`` and
-    ``dirty_rows`` mark what a cycle changed (``Folder`` clears them when it starts).
+    yet, one whose ``R_PEAK`` is -1 has no counted second yet. ``dirty_state``,
+    ``dirty_starts`` (a latest row began: its start and start values) and ``dirty_rows``
+    mark what a cycle changed (``Folder`` clears them when it starts).
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -200,6 +201,7 @@ class Book:
         self.rows[:, :, R_START] = -1
         self.rows[:, :, R_PEAK] = -1
         self.dirty_state: Mask = np.zeros(capacity, dtype=np.bool_)
+        self.dirty_starts: Mask = np.zeros(capacity, dtype=np.bool_)
         self.dirty_rows: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
         self._sorted: Ints = np.zeros(0, dtype=np.int64)  # codes, sorted
         self._order: Ints = np.zeros(0, dtype=np.int64)  # their entity indices
@@ -252,6 +254,7 @@ class Book:
         more[:, :, R_PEAK] = -1
         self.rows = np.concatenate([self.rows, more], axis=1)
         self.dirty_state = np.concatenate([self.dirty_state, np.zeros(extra, dtype=np.bool_)])
+        self.dirty_starts = np.concatenate([self.dirty_starts, np.zeros(extra, dtype=np.bool_)])
         self.dirty_rows = np.concatenate(
             [self.dirty_rows, np.zeros((len(UNITS), extra), dtype=np.bool_)], axis=1
         )
@@ -269,6 +272,7 @@ class Folder:
         self.book = book
         self.coverage = coverage
         book.dirty_state[:] = False
+        book.dirty_starts[:] = False
         book.dirty_rows[:] = False
         self.closed: list[tuple[int, Ints, Ints]] = []  # (unit index, codes, rows)
         self._starts_second = -1
@@ -351,6 +355,7 @@ class Folder:
             rows[ir] = new
             book.dirty_rows[u, ir] = True
             book.dirty_state[ir] = True  # its latest row moved on
+            book.dirty_starts[ir] = True
             # The carried value held at the period's counted seconds before this event (and
             # at this second too, for an entity whose value does not change in it).
             for which, first in (
