@@ -295,19 +295,25 @@ class Folder:
         book = self.book
         idx = book.index(code, second)
         s = book.state
-        changing = (s[idx, S_CONNS] != conns) | (s[idx, S_WS] != ws) | (s[idx, S_CH] != channels)
+        # Each gather below reads the entities' state rows whole (one gather of the columns
+        # needed, not one per column): at 100 000 entities the matrices are far bigger than the
+        # CPU's caches, and what a cycle costs per entity is mostly memory traffic.
+        held = s[idx, S_CONNS : S_CH + 1]
+        changing = (held[:, 0] != conns) | (held[:, 1] != ws) | (held[:, 2] != channels)
         self._touch(idx, second, changing)
         if not changing.any():
             return
         idx = idx[changing]
         conns, ws, channels = conns[changing], ws[changing], channels[changing]
-        n = self.coverage.covered_since(s[idx, S_SINCE], second)
-        s[idx, S_AREA] += s[idx, S_CONNS] * n
-        s[idx, S_CH_AREA] += s[idx, S_CH] * n
-        s[idx, S_SINCE] = second
-        s[idx, S_CONNS] = conns
-        s[idx, S_WS] = ws
-        s[idx, S_CH] = channels
+        now = s[idx, : S_CH_AREA + 1]  # the values held, since when, their integrals
+        n = self.coverage.covered_since(now[:, S_SINCE], second)
+        now[:, S_AREA] += now[:, S_CONNS] * n
+        now[:, S_CH_AREA] += now[:, S_CH] * n
+        now[:, S_SINCE] = second
+        now[:, S_CONNS] = conns
+        now[:, S_WS] = ws
+        now[:, S_CH] = channels
+        s[idx, : S_CH_AREA + 1] = now
         book.dirty_state[idx] = True
         # A coarser row's extremes contain its finer rows' (the hour's range holds the minute's):
         # a value that moves no minute extreme moves no hour, day or month one either.
@@ -335,8 +341,13 @@ class Folder:
             rows = book.rows[u]
             rolling = rows[idx, R_START] != start
             if not rolling.any():
-                continue
-            ir = idx[rolling]
+                # Units finest first: an entity whose latest row of one unit is of the period
+                # containing ``second`` was touched in that period, so its coarser latest rows
+                # are of the periods containing ``second`` too (only the entities that began a
+                # period of one unit are looked at for the next).
+                return
+            ir = idx = idx[rolling]
+            changing = changing[rolling]
             # The rows this closes: all minute rows (they were only ever in the state) and
             # the other units' rows this cycle wrote to (the others are in Postgres as they are).
             done = ir[rows[ir, R_START] >= 0] if u == 0 else ir[book.dirty_rows[u, ir]]
@@ -359,8 +370,8 @@ class Folder:
             # The carried value held at the period's counted seconds before this event (and
             # at this second too, for an entity whose value does not change in it).
             for which, first in (
-                (changing[rolling], cov.first_covered(start, second)),
-                (~changing[rolling], cov.first_covered(start, second + 1)),
+                (changing, cov.first_covered(start, second)),
+                (~changing, cov.first_covered(start, second + 1)),
             ):
                 sel = ir[which]
                 if first is not None and sel.size:

@@ -11,9 +11,11 @@ only when a period begins for the entity. On Postgres an UPDATE writes a whole n
 the row, so the state rewritten every cycle is now 23 columns instead of 41: at 100 000 apps
 the table the cycle rewrites stays in Postgres's buffers (its versions at 41 columns did not).
 
-Every state row gets its starts row, NULL where it was NULL. On Postgres ``usage_state`` is
-then rewritten in key order (``CLUSTER``), since dropped columns keep their space in every row
-until it is rewritten; it holds one row per app and account, so this is quick. Stop the
+Every state row gets its starts row, NULL where it was NULL. On Postgres the dropped columns
+keep their space in a state row until the row is next written (the next cycle that changes
+the entity); ``VACUUM FULL usage_state`` gives it back at once, if wanted. (Not ``CLUSTER`` in
+here: on an empty table it leaves statistics that make the planner join a first cycle's new
+entities against the table by nested loop, in time quadratic in their number.) Stop the
 aggregation workers first: one of the other version would write columns that are not there.
 """
 
@@ -58,7 +60,6 @@ def upgrade() -> None:
         # Rewritten when a period begins for the entity (every minute for a busy one), all of
         # a page's rows in one statement: room for their new versions keeps the updates HOT.
         op.execute("ALTER TABLE usage_starts SET (fillfactor = 70)")
-        op.execute("CLUSTER usage_state USING pk_usage_state")
 
 
 def downgrade() -> None:
