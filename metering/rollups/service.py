@@ -51,6 +51,7 @@ from metering.rollups.fold import (
     Ints,
     codes,
     split,
+    sum_by,
 )
 from metering.rollups.marks import Marks
 from metering.rollups.models import (
@@ -340,9 +341,7 @@ class Aggregator:
         known = owners >= 0
         if not known.any():
             return
-        accounts, which = np.unique(owners[known], return_inverse=True)
-        sums = np.zeros((len(accounts), N_COUNTERS), dtype=np.int64)
-        np.add.at(sums, which, deltas[known])
+        accounts, sums = sum_by(owners[known], deltas[known])
         folder.count(second, codes(ACCOUNT, accounts), sums)
 
     def _resync(self, folder: Folder, snapshot: source.Snapshot, watermark: int | None) -> None:
@@ -389,9 +388,9 @@ class Aggregator:
         if not deltas:
             return 0, dirty, retiring
         # The same app on several incarnations: one sum per app.
-        apps, which = np.unique(np.concatenate(moved_apps), return_inverse=True)
+        apps, summed = sum_by(np.concatenate(moved_apps), np.concatenate(deltas))
         sums = np.zeros((len(apps), N_COUNTERS), dtype=np.int64)
-        np.add.at(sums, (which[:, None], np.array(_FROM_FRONTEND)), np.concatenate(deltas))
+        sums[:, _FROM_FRONTEND] = summed
         self._count(conn, folder, second, apps, sums)
         return len(apps), dirty, retiring
 
