@@ -464,7 +464,7 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
     (source, "parse_sample", "parse samples (column-wise, NumPy)"),
     (Aggregator, "_fold_sample", "fold samples (Folder.values, NumPy)"),
     (source, "counter_changes", "read counters (which incarnations)"),
-    (source, "changed_counters", "read counters (ZRANGEBYSCORE + HMGET of what changed)"),
+    (source, "changed_counters", "read counters (ZCOUNT, then HGETALL or ZRANGEBYSCORE + HMGET)"),
     (Aggregator, "_fold_counters", "fold counters (deltas against marks, NumPy)"),
     (Aggregator, "_owners_of", "owners of apps"),
     (Aggregator, "_write", "build state and row matrices (NumPy)"),

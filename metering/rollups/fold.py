@@ -63,6 +63,19 @@ def split(code: Ints) -> tuple[Ints, Ints]:
     return code % 4, code // 4
 
 
+def sum_by(keys: Ints, values: Ints) -> tuple[Ints, Ints]:
+    """The distinct ``keys``, sorted, and per key the sum of the rows of ``values`` (a row per
+    key) that have it: one sort and one ``add.reduceat`` (``np.add.at`` costs several times
+    more), in integers."""
+    if not keys.size:
+        return keys, values
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    sums: Ints = np.add.reduceat(values, first, axis=0)
+    return keys[first], sums
+
+
 def period_start(unit: Unit, second: int) -> int:
     """The start (a second) of the period of ``unit`` containing ``second``."""
     if unit is Unit.MINUTE:
@@ -188,8 +201,9 @@ class Book:
 
     Entity ``i`` is row ``i`` of ``state`` (``S_*`` columns) and of ``rows[u]`` (``R_*``
     columns) for each unit ``u``, finest first; a row whose ``R_START`` is -1 does not exist
-    yet, one whose ``R_PEAK`` is -1 has no counted second yet. ``dirty_state`` and
-    ``dirty_rows`` mark what a cycle changed (``Folder`` clears them when it starts).
+    yet, one whose ``R_PEAK`` is -1 has no counted second yet. ``dirty_state``,
+    ``dirty_starts`` (a latest row began: its start and start values) and ``dirty_rows``
+    mark what a cycle changed (``Folder`` clears them when it starts).
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -200,6 +214,7 @@ class Book:
         self.rows[:, :, R_START] = -1
         self.rows[:, :, R_PEAK] = -1
         self.dirty_state: Mask = np.zeros(capacity, dtype=np.bool_)
+        self.dirty_starts: Mask = np.zeros(capacity, dtype=np.bool_)
         self.dirty_rows: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
         self._sorted: Ints = np.zeros(0, dtype=np.int64)  # codes, sorted
         self._order: Ints = np.zeros(0, dtype=np.int64)  # their entity indices
@@ -252,6 +267,7 @@ class Book:
         more[:, :, R_PEAK] = -1
         self.rows = np.concatenate([self.rows, more], axis=1)
         self.dirty_state = np.concatenate([self.dirty_state, np.zeros(extra, dtype=np.bool_)])
+        self.dirty_starts = np.concatenate([self.dirty_starts, np.zeros(extra, dtype=np.bool_)])
         self.dirty_rows = np.concatenate(
             [self.dirty_rows, np.zeros((len(UNITS), extra), dtype=np.bool_)], axis=1
         )
@@ -269,6 +285,7 @@ class Folder:
         self.book = book
         self.coverage = coverage
         book.dirty_state[:] = False
+        book.dirty_starts[:] = False
         book.dirty_rows[:] = False
         self.closed: list[tuple[int, Ints, Ints]] = []  # (unit index, codes, rows)
         self._starts_second = -1
@@ -291,19 +308,25 @@ class Folder:
         book = self.book
         idx = book.index(code, second)
         s = book.state
-        changing = (s[idx, S_CONNS] != conns) | (s[idx, S_WS] != ws) | (s[idx, S_CH] != channels)
+        # Each gather below reads the entities' state rows whole (one gather of the columns
+        # needed, not one per column): at 100 000 entities the matrices are far bigger than the
+        # CPU's caches, and what a cycle costs per entity is mostly memory traffic.
+        held = s[idx, S_CONNS : S_CH + 1]
+        changing = (held[:, 0] != conns) | (held[:, 1] != ws) | (held[:, 2] != channels)
         self._touch(idx, second, changing)
         if not changing.any():
             return
         idx = idx[changing]
         conns, ws, channels = conns[changing], ws[changing], channels[changing]
-        n = self.coverage.covered_since(s[idx, S_SINCE], second)
-        s[idx, S_AREA] += s[idx, S_CONNS] * n
-        s[idx, S_CH_AREA] += s[idx, S_CH] * n
-        s[idx, S_SINCE] = second
-        s[idx, S_CONNS] = conns
-        s[idx, S_WS] = ws
-        s[idx, S_CH] = channels
+        now = s[idx, : S_CH_AREA + 1]  # the values held, since when, their integrals
+        n = self.coverage.covered_since(now[:, S_SINCE], second)
+        now[:, S_AREA] += now[:, S_CONNS] * n
+        now[:, S_CH_AREA] += now[:, S_CH] * n
+        now[:, S_SINCE] = second
+        now[:, S_CONNS] = conns
+        now[:, S_WS] = ws
+        now[:, S_CH] = channels
+        s[idx, : S_CH_AREA + 1] = now
         book.dirty_state[idx] = True
         # A coarser row's extremes contain its finer rows' (the hour's range holds the minute's):
         # a value that moves no minute extreme moves no hour, day or month one either.
@@ -331,8 +354,13 @@ class Folder:
             rows = book.rows[u]
             rolling = rows[idx, R_START] != start
             if not rolling.any():
-                continue
-            ir = idx[rolling]
+                # Units finest first: an entity whose latest row of one unit is of the period
+                # containing ``second`` was touched in that period, so its coarser latest rows
+                # are of the periods containing ``second`` too (only the entities that began a
+                # period of one unit are looked at for the next).
+                return
+            ir = idx = idx[rolling]
+            changing = changing[rolling]
             # The rows this closes: all minute rows (they were only ever in the state) and
             # the other units' rows this cycle wrote to (the others are in Postgres as they are).
             done = ir[rows[ir, R_START] >= 0] if u == 0 else ir[book.dirty_rows[u, ir]]
@@ -351,11 +379,12 @@ class Folder:
             rows[ir] = new
             book.dirty_rows[u, ir] = True
             book.dirty_state[ir] = True  # its latest row moved on
+            book.dirty_starts[ir] = True
             # The carried value held at the period's counted seconds before this event (and
             # at this second too, for an entity whose value does not change in it).
             for which, first in (
-                (changing[rolling], cov.first_covered(start, second)),
-                (~changing[rolling], cov.first_covered(start, second + 1)),
+                (changing, cov.first_covered(start, second)),
+                (~changing, cov.first_covered(start, second + 1)),
             ):
                 sel = ir[which]
                 if first is not None and sel.size:

@@ -22,11 +22,19 @@ from sqlalchemy import Connection, select
 from metering.core.errors import ValidationError
 from metering.rollups import bulk
 from metering.rollups.fold import UNIT_CODES, Coverage, period_end, period_start
-from metering.rollups.models import COUNTERS, UsageCursor, UsageGap, UsageRollup, UsageState
+from metering.rollups.models import (
+    COUNTERS,
+    UsageCursor,
+    UsageGap,
+    UsageRollup,
+    UsageStarts,
+    UsageState,
+)
 from metering.rollups.periods import Unit, interval_id
 
 MAX_LIMIT = 1000
-# usage_rollups' columns after its key, as usage_state holds them for the latest minute row.
+# usage_rollups' columns after its key, as usage_state and usage_starts hold them for the latest
+# minute row.
 _ROW_FIGURES = tuple(
     c.name
     for c in UsageRollup.__table__.columns
@@ -102,17 +110,21 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         .mappings()
         .first()
     )
-    state = (
+    # The entity's state, with the starts of its latest rows (the latest minute row is in both).
+    st, starts = UsageState.__table__, UsageStarts.__table__
+    state: Any = (
         conn.execute(
-            select(UsageState).where(
-                (UsageState.scope == query.scope) & (UsageState.entity_id == query.entity_id)
+            select(st, *(c for c in starts.c if c.name not in {"scope", "entity_id"}))
+            .outerjoin(
+                starts, (starts.c.scope == st.c.scope) & (starts.c.entity_id == st.c.entity_id)
             )
+            .where((st.c.scope == query.scope) & (st.c.entity_id == query.entity_id))
         )
         .mappings()
         .first()
     )
     latest = _minute_row(state) if unit is Unit.MINUTE else None
-    if latest is not None:  # the entity's latest minute row is part of its state
+    if latest is not None:  # the entity's latest minute row is not in usage_rollups yet
         start = latest["period_start"]
         if lo <= start < hi:
             rows = [r for r in rows if r["period_start"] < start] + [latest]
@@ -129,7 +141,8 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
 
 
 def _minute_row(state: Any) -> dict[str, Any] | None:
-    """The latest minute row held in the state row, shaped like a ``usage_rollups`` row."""
+    """The latest minute row held in the state and starts rows, shaped like a
+    ``usage_rollups`` row."""
     if state is None or state["minute"] is None or state["minute_peak"] is None:
         return None
     row = {c: state[f"minute_{c}"] for c in _ROW_FIGURES}

@@ -36,7 +36,9 @@ from metering.rollups.fold import (
     CH_OPENED,
     N_COUNTERS,
     R_CH_PEAK,
+    R_CONNS0,
     R_COUNTERS0,
+    R_EXTREMES,
     R_PEAK,
     R_START,
     S_CH,
@@ -49,6 +51,7 @@ from metering.rollups.fold import (
     Ints,
     codes,
     split,
+    sum_by,
 )
 from metering.rollups.marks import Marks
 from metering.rollups.models import (
@@ -62,18 +65,25 @@ from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
-UNIT_COLUMNS = tuple(u.value for u in UNITS)  # usage_state's column per unit
+UNIT_COLUMNS = tuple(u.value for u in UNITS)  # usage_starts' column per unit
 ROW_COLUMNS = (
     "scope", "entity_id", "unit", "period_start", "conns0", "ws0", "channels0", "area0",
     "ch_area0", *(f"{c}0" for c in COUNTERS),
     "peak", "peak_at", "min", "ws_peak", "ch_peak", "ch_min",
 )  # fmt: skip
-# usage_state: the state, the latest row's start per unit, then the latest minute row itself.
-MINUTE_COLUMNS = tuple(f"minute_{c}" for c in ROW_COLUMNS[4:])
+# The latest minute row, apart from its start: its values and totals at its start (in
+# usage_starts, written when the row begins), and its extremes (in usage_state, written with
+# the state). ``ROW_COLUMNS[3 + r]`` is the book's row column ``r``.
+MINUTE_STARTS = tuple(f"minute_{c}" for c in ROW_COLUMNS[3 + R_CONNS0 : 3 + R_PEAK])
+MINUTE_EXTREMES = tuple(f"minute_{c}" for c in ROW_COLUMNS[3 + R_PEAK :])
+# usage_state: the state, then the latest minute row's extremes.
 STATE_COLUMNS = (
-    "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area",
-    *COUNTERS, *UNIT_COLUMNS, *MINUTE_COLUMNS,
+    "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS,
+    *MINUTE_EXTREMES,
 )  # fmt: skip
+# usage_starts: the latest row's start per unit, then the latest minute row's start values.
+STARTS_COLUMNS = ("scope", "entity_id", *UNIT_COLUMNS, *MINUTE_STARTS)
+_KEYS = ("scope", "entity_id")
 _ROW_MERGE = {
     "peak_at": "CASE WHEN excluded.peak > {t}.peak THEN excluded.peak_at ELSE {t}.peak_at END",
     "peak": "{greatest}({t}.peak, excluded.peak)",
@@ -331,9 +341,7 @@ class Aggregator:
         known = owners >= 0
         if not known.any():
             return
-        accounts, which = np.unique(owners[known], return_inverse=True)
-        sums = np.zeros((len(accounts), N_COUNTERS), dtype=np.int64)
-        np.add.at(sums, which, deltas[known])
+        accounts, sums = sum_by(owners[known], deltas[known])
         folder.count(second, codes(ACCOUNT, accounts), sums)
 
     def _resync(self, folder: Folder, snapshot: source.Snapshot, watermark: int | None) -> None:
@@ -380,9 +388,9 @@ class Aggregator:
         if not deltas:
             return 0, dirty, retiring
         # The same app on several incarnations: one sum per app.
-        apps, which = np.unique(np.concatenate(moved_apps), return_inverse=True)
+        apps, summed = sum_by(np.concatenate(moved_apps), np.concatenate(deltas))
         sums = np.zeros((len(apps), N_COUNTERS), dtype=np.int64)
-        np.add.at(sums, (which[:, None], np.array(_FROM_FRONTEND)), np.concatenate(deltas))
+        sums[:, _FROM_FRONTEND] = summed
         self._count(conn, folder, second, apps, sums)
         return len(apps), dirty, retiring
 
@@ -418,23 +426,33 @@ class Aggregator:
         if loaded is not None and loaded.cycle == cursor.cycle:
             return loaded
         book = Book()
-        # NULL: no such row (a minute row whose columns are NULL does not exist either).
-        starts = [f"COALESCE({u}, -1)" for u in UNIT_COLUMNS]
-        starts[0] = "CASE WHEN minute_peak IS NULL THEN -1 ELSE minute END"
-        minute = [f"COALESCE({c}, {-1 if c == 'minute_peak' else 0})" for c in MINUTE_COLUMNS]
-        first = len(STATE_COLUMNS) - len(UNIT_COLUMNS) - len(MINUTE_COLUMNS)
-        columns = [*STATE_COLUMNS[:first], *starts, *minute]
+        # NULL: no such row (a minute row whose extremes are NULL does not exist either).
+        extremes = [f"COALESCE({c}, {-1 if c == 'minute_peak' else 0})" for c in MINUTE_EXTREMES]
+        first = len(STATE_COLUMNS) - len(MINUTE_EXTREMES)
+        columns = [*STATE_COLUMNS[:first], *extremes]
         sql = f"SELECT {', '.join(columns)} FROM usage_state"  # noqa: S608 (our own names)
         states = bulk.select_array(conn, sql, "usage_state", STATE_COLUMNS)
         idx = book.add(codes(states[:, 0], states[:, 1]), 0)
         book.state[idx] = states[:, 2:first]
-        book.rows[0, idx, R_START] = states[:, first]
-        book.rows[0, idx, R_START + 1 :] = states[:, first + len(UNIT_COLUMNS) :]
+        book.rows[0, idx, R_EXTREMES] = states[:, first:]
+        columns = [
+            *_KEYS, *(f"COALESCE({c}, -1)" for c in UNIT_COLUMNS),
+            *(f"COALESCE({c}, 0)" for c in MINUTE_STARTS),
+        ]  # fmt: skip
+        sql = f"SELECT {', '.join(columns)} FROM usage_starts"  # noqa: S608 (our own names)
+        starts = bulk.select_array(conn, sql, "usage_starts", STARTS_COLUMNS)
+        idx = book.find(codes(starts[:, 0], starts[:, 1]))
+        starts = starts[idx >= 0]  # (a state row is written with its starts row: never)
+        idx = idx[idx >= 0]
+        book.rows[:, idx, R_START] = starts[:, 2 : 2 + len(UNIT_COLUMNS)].T
+        book.rows[0, idx, R_CONNS0:R_PEAK] = starts[:, 2 + len(UNIT_COLUMNS) :]
+        no_minute = book.rows[0, : book.size, R_PEAK] < 0
+        book.rows[0, : book.size, R_START][no_minute] = -1
         for i, unit_column in enumerate(UNIT_COLUMNS[1:], start=1):
             rows = bulk.select_array(
                 conn,
                 f"SELECT {', '.join('r.' + c for c in ROW_COLUMNS)} FROM usage_rollups r "  # noqa: S608
-                f"JOIN usage_state s ON r.scope = s.scope AND r.entity_id = s.entity_id "
+                f"JOIN usage_starts s ON r.scope = s.scope AND r.entity_id = s.entity_id "
                 f"AND r.unit = {i + 1} AND r.period_start = s.{unit_column}",
                 "usage_rollups",
                 ROW_COLUMNS,
@@ -454,15 +472,21 @@ class Aggregator:
     def _write(
         self, conn: Connection, folder: Folder, horizons: Mapping[int, int]
     ) -> tuple[int, int]:
-        """The changed states (with their latest minute rows), the changed hour, day and month
-        rows, and the rows that closed (minute rows move to ``usage_rollups`` then); a closed
-        row older than its unit's retention horizon is dropped, not written back."""
+        """The changed states (with their latest minute rows' extremes), the starts of the
+        entities' latest rows where one began, the changed hour, day and month rows, and the
+        rows that closed (minute rows move to ``usage_rollups`` then); a closed row older than
+        its unit's retention horizon is dropped, not written back."""
         book = folder.book
         idx = np.nonzero(book.dirty_state[: book.size])[0]
+        state_rows = np.column_stack(
+            [*split(book.codes[idx]), book.state[idx], book.rows[0, idx, R_EXTREMES]]
+        )
+        idx = np.nonzero(book.dirty_starts[: book.size])[0]
         starts = book.rows[:, idx, R_START].T
-        assert (starts >= 0).all(), "a dirty entity has a row per unit"
-        minute = book.rows[0, idx, R_START + 1 :]
-        state_rows = np.column_stack([*split(book.codes[idx]), book.state[idx], starts, minute])
+        assert (starts >= 0).all(), "an entity whose row began has a row per unit"
+        starts_rows = np.column_stack(
+            [*split(book.codes[idx]), starts, book.rows[0, idx, R_CONNS0:R_PEAK]]
+        )
         parts = [
             (u, book.codes[iu], book.rows[u, iu])
             for u in range(1, len(UNITS))
@@ -477,10 +501,10 @@ class Aggregator:
         if horizons and len(rows):
             horizon = np.array([horizons.get(u + 1, 0) for u in range(len(UNITS))], np.int64)
             rows = rows[rows[:, 3] >= horizon[rows[:, 2] - 1]]
+        bulk.replace_array(conn, "usage_state", columns=STATE_COLUMNS, keys=_KEYS, rows=state_rows)
         bulk.replace_array(
-            conn, "usage_state", columns=STATE_COLUMNS, keys=("scope", "entity_id"),
-            rows=state_rows,
-        )  # fmt: skip
+            conn, "usage_starts", columns=STARTS_COLUMNS, keys=_KEYS, rows=starts_rows
+        )
         bulk.upsert_array(
             conn, "usage_rollups", columns=ROW_COLUMNS,
             keys=("scope", "entity_id", "unit", "period_start"), rows=rows, merge=_ROW_MERGE,

@@ -5,6 +5,7 @@ Key names come from ``metering.live.store`` (the one place that defines them).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,7 +249,8 @@ def changed_counters(
     """Per incarnation, the apps whose counters it flushed after the sequence ``after`` (0:
     every app it ever flushed) with their cumulative totals: app ids, shape (n,), and totals,
     shape (n, 8) in ``FRONTEND_COUNTERS`` order (apps that did not change may come too, when
-    most of an incarnation's did). Two round trips for all the incarnations. A six-field
+    most of an incarnation's did). Two round trips for all the incarnations, a third when
+    only part of one's moved (the apps that did, then their totals). A six-field
     value (an older gateway's) has 0 for the totals it does not hold; a value that is neither
     is skipped and logged.
 
@@ -258,33 +260,37 @@ def changed_counters(
     """
     if not incarnations:
         return {}
+    changes = [store.key(f"fe:{inc}:counter-apps") for inc in incarnations]
+    hashes = [store.key(f"fe:{inc}:counters") for inc in incarnations]
     pipe = store.client.pipeline(transaction=False)
-    for inc in incarnations:
-        pipe.zrangebyscore(store.key(f"fe:{inc}:counter-apps"), f"({after}", "+inf")
-        pipe.hlen(store.key(f"fe:{inc}:counters"))
-    replies = iter(pipe.execute())
-    changed: list[list[Any]] = []
-    whole: list[bool] = []
-    for _ in incarnations:
-        apps, held = next(replies), next(replies)
-        changed.append(apps)
-        # Most of the hash moved: read all of it, which spares sending every field's name
-        # (the unchanged ones come back with totals their marks already hold: nothing applied).
-        whole.append(2 * len(apps) >= held)
+    for changed, counters in zip(changes, hashes, strict=True):
+        pipe.zcount(changed, f"({after}", "+inf")
+        pipe.hlen(counters)
+    sizes = iter(pipe.execute())
+    # Most of the hash moved: read all of it, which spares sending every field's name twice,
+    # in the list of what changed and in the HMGET (the unchanged ones come back with totals
+    # their marks already hold: nothing applied).
+    whole = [2 * next(sizes) >= next(sizes) for _ in incarnations]
     pipe = store.client.pipeline(transaction=False)
-    for inc, apps, everything in zip(incarnations, changed, whole, strict=True):
+    for changed, counters, everything in zip(changes, hashes, whole, strict=True):
         if everything:
-            pipe.hgetall(store.key(f"fe:{inc}:counters"))
+            pipe.hgetall(counters)
         else:
-            _hmget_chunks(pipe, store.key(f"fe:{inc}:counters"), apps)
-    replies = iter(pipe.execute())
+            pipe.zrangebyscore(changed, f"({after}", "+inf")
+    read: list[Any] = pipe.execute()
+    replies: Iterator[list[Any]] = iter(())
+    if not all(whole):  # then the totals of the apps that changed
+        pipe = store.client.pipeline(transaction=False)
+        for counters, everything, apps in zip(hashes, whole, read, strict=True):
+            if not everything:
+                _hmget_chunks(pipe, counters, apps)
+        replies = iter(pipe.execute())
     out = {}
-    for inc, apps, everything in zip(incarnations, changed, whole, strict=True):
+    for inc, everything, got in zip(incarnations, whole, read, strict=True):
         if everything:
-            held = next(replies)
-            out[inc] = _parse_counters(inc, list(held), list(held.values()))
+            out[inc] = _parse_counters(inc, list(got), list(got.values()))
         else:
-            out[inc] = _parse_counters(inc, apps, _joined(replies, apps))
+            out[inc] = _parse_counters(inc, got, _joined(replies, got))
     return out
 
 

@@ -1,5 +1,6 @@
 """The column-wise folder, on hand-computed cases: a cycle across a period's end, a period
-opened by a counter alone, and the vectorised coverage against the scalar one."""
+opened by a counter alone, the vectorised coverage against the scalar one, and the sums per
+key that counter deltas are added up with."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from metering.rollups.fold import (
     Coverage,
     Folder,
     codes,
+    sum_by,
 )
 from metering.rollups.models import COUNTERS
 
@@ -105,3 +107,15 @@ def test_vectorised_coverage_matches_the_scalar_one() -> None:
         for end in (cov.first, second, second + 1, rng.randrange(cov.first, second + 30)):
             expected = [cov.covered(int(s), end) for s in since]
             assert cov.covered_since(since.astype(np.int64), end).tolist() == expected
+
+
+def test_sums_per_key_add_every_row_of_a_key_exactly() -> None:
+    keys = np.array([9, 3, 9, 5, 3, 9], dtype=np.int64)
+    big = 2**62  # beyond what a float holds exactly: the sums stay integers
+    values = np.array([[1, big], [2, 0], [4, 1], [8, 0], [16, 0], [32, 2]], dtype=np.int64)
+    distinct, sums = sum_by(keys, values)
+    assert distinct.tolist() == [3, 5, 9]
+    assert sums.tolist() == [[18, 0], [8, 0], [37, big + 3]]
+    none, nothing = sum_by(keys[:0], values[:0])
+    assert none.size == 0
+    assert nothing.shape == (0, 2)

@@ -257,3 +257,70 @@ def test_migration_0007_adds_the_refusal_counters_at_zero_and_repacks_the_marks_
                     assert not gone, table
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0009_moves_the_latest_rows_starts_out_of_the_state_and_back(
+    dialect: str, tmp_path: Path
+) -> None:
+    totals = (
+        "conns, ws, channels, since, area, ch_area, opened, refused, ch_opened, pub_n, pub_b, "
+        "del_n, del_b, ch_refused, msg_refused"
+    )
+    starts = (
+        "minute, hour, day, month, minute_conns0, minute_ws0, minute_channels0, minute_area0, "
+        "minute_ch_area0, minute_opened0, minute_refused0, minute_ch_opened0, minute_pub_n0, "
+        "minute_pub_b0, minute_del_n0, minute_del_b0, minute_ch_refused0, minute_msg_refused0"
+    )
+    extremes = (
+        "minute_peak, minute_peak_at, minute_min, minute_ws_peak, minute_ch_peak, minute_ch_min"
+    )
+    # Entity (1, 7) holds a minute row; (2, 9) has only an hour row's start, no minute row.
+    held = {
+        (1, 7): (tuple(range(100, 118)), (9, 125, 1, 8, 3, 0)),
+        (2, 9): ((None, 3600, None, None, *[None] * 14), (None,) * 6),
+    }
+    with _database(dialect, tmp_path) as url:
+        cfg = alembic_config(url)
+        command.downgrade(cfg, "0007")
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                for (scope, entity), (begun, ext) in held.items():
+                    conn.execute(
+                        text(
+                            f"INSERT INTO usage_state (scope, entity_id, {totals}, {starts}, "
+                            f"{extremes}) VALUES ({scope}, {entity}, "
+                            + ", ".join(["5"] * 15 + [f":v{i}" for i in range(24)])
+                            + ")"
+                        ),
+                        {f"v{i}": v for i, v in enumerate((*begun, *ext))},
+                    )
+
+            command.upgrade(cfg, "0009")
+            with engine.connect() as conn:
+                moved = conn.execute(
+                    text(f"SELECT scope, entity_id, {starts} FROM usage_starts ORDER BY 1")
+                ).all()
+                assert [tuple(r) for r in moved] == [(*k, *v[0]) for k, v in held.items()]
+                state = conn.execute(
+                    text(
+                        f"SELECT scope, entity_id, {totals}, {extremes} FROM usage_state ORDER BY 1"
+                    )
+                ).all()
+                assert [tuple(r) for r in state] == [
+                    (*k, *[5] * 15, *v[1]) for k, v in held.items()
+                ]
+                assert not set(starts.split(", ")) & set(_columns(conn, "usage_state"))
+
+            command.downgrade(cfg, "0007")
+            with engine.connect() as conn:
+                back = conn.execute(
+                    text(
+                        f"SELECT scope, entity_id, {starts}, {extremes} FROM usage_state ORDER BY 1"
+                    )
+                ).all()
+                assert [tuple(r) for r in back] == [(*k, *v[0], *v[1]) for k, v in held.items()]
+                assert "usage_starts" not in inspect(conn).get_table_names()
+        finally:
+            engine.dispose()
