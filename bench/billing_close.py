@@ -61,7 +61,6 @@ ROLLUP_COLUMNS = (
 )  # fmt: skip
 STATE_COLUMNS = (
     "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS,
-    "month",
 )  # fmt: skip
 
 
@@ -137,7 +136,7 @@ def populate(dsn: str, accounts: int, apps: int, rng: random.Random) -> None:
                                 peak // 2, hour, 0, peak // 2, ch, 1))  # fmt: skip
             now = peak // 2
             states.append((scope, entity_id, now, now, ch // 2, END - 600, peak * 1000,
-                           ch * 1000, *totals, START))  # fmt: skip
+                           ch * 1000, *totals))  # fmt: skip
 
         for a in account_ids:
             entity(2, a, apps)

@@ -1,7 +1,7 @@
 """Where each entity's latest rows start moves from usage_state to a table of its own.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 ``usage_state`` keeps the value held, the running totals and the latest minute row's extremes:
 what a busy app or account changes every cycle. ``usage_starts`` takes the start of the latest
@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
