@@ -173,6 +173,7 @@ def _banner(
         "",
         f"Metering engine running (database {settings.database_url}, {redis_desc})",
         f"  API       http://{api}   (OpenAPI: http://{api}/docs)",
+        f"  Dashboard http://{api}/dashboard   (enter the key below)",
         f"  Gateway   ws://{gateway}/v1/realtime?app={app_id}",
         f"  Demo app  {app_id} in account {account_id}, key with every permission:",
         f"            {key}",

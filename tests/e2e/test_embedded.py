@@ -55,5 +55,12 @@ def test_make_run_serves_the_admin_endpoint_and_counts_its_gateway(tmp_path: Pat
         asyncio.run(one_client())
         bad = httpx.get(admin.url, headers={"IM-API-KEY": "mk_wrong"})
         assert bad.status_code == 401
+        # The dashboard, with its charting library, is served by the embedded engine too.
+        assert f"Dashboard http://127.0.0.1:{api_port}/dashboard" in proc.output
+        base = f"http://127.0.0.1:{api_port}"
+        assert "Usage dashboard" in httpx.get(f"{base}/dashboard").text
+        assert httpx.get(f"{base}/dashboard/static/plotly.min.js").status_code == 200
+        view = httpx.get(f"{base}/v1/dashboard/overview", headers={"IM-API-KEY": key.group(1)})
+        assert view.json()["result"]["apps"][0]["id"] == int(app_id.group(1))
     finally:
         assert proc.stop(signal.SIGINT) in (0, 2, -2, 130), proc.output

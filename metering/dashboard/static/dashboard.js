@@ -65,17 +65,30 @@ function selection() {
   return value === "account" ? null : Number(value);
 }
 
+// The period chosen, at the resolution chosen (each period suggests one when picked).
 function window_() {
   const period = $("period").value;
   if (period !== "range") {
     const end = Date.now();
-    return { unit: PERIODS[period].unit, start: end - PERIODS[period].span, end };
+    return { unit: $("unit").value, start: end - PERIODS[period].span, end };
   }
   const start = Date.parse($("start").value);
   const end = Date.parse($("end").value);
   if (Number.isNaN(start) || Number.isNaN(end)) throw new ApiError(400, "Choose both ends of the range.");
   if (start >= end) throw new ApiError(400, "The range must start before it ends.");
   return { unit: $("unit").value, start, end };
+}
+
+const UNIT_MS = { minute: 60e3, hour: 3600e3, day: 86400e3 };
+const MAX_PERIODS = 1000; // what one graph asks the API for
+
+function checked(w) {
+  const periods = Math.ceil((w.end - w.start) / UNIT_MS[w.unit]);
+  if (periods > MAX_PERIODS) {
+    throw new ApiError(400, `That is ${periods} periods ${$("unit").selectedOptions[0].text}: ` +
+      `at most ${MAX_PERIODS} fit one graph. Choose a coarser resolution or a shorter period.`);
+  }
+  return w;
 }
 
 // The account's quota and hard limit across the whole period shown (an app has none of its own).
@@ -233,7 +246,7 @@ async function refreshLive() {
 async function show() {
   $("error").textContent = "";
   try {
-    const w = window_();
+    const w = checked(window_());
     overview = await api("/v1/dashboard/overview");
     const entries = await api("/v1/dashboard/series", { unit: w.unit, start: Math.floor(w.start),
                                                         end: Math.ceil(w.end), app: selection() });
@@ -275,7 +288,11 @@ document.addEventListener("DOMContentLoaded", () => {
     open_();
   });
   $("forget").addEventListener("click", () => showLogin(""));
-  $("period").addEventListener("change", () => { $("range").hidden = $("period").value !== "range"; });
+  $("period").addEventListener("change", () => {
+    const period = $("period").value;
+    $("range").hidden = period !== "range";
+    if (PERIODS[period]) $("unit").value = PERIODS[period].unit;
+  });
   $("entity").addEventListener("change", () => { show(); refreshLive(); });
   $("controls").addEventListener("submit", (event) => { event.preventDefault(); show(); });
   if (sessionStorage.getItem(KEY)) open_();
