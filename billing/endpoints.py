@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from billing import jobs, service
 from billing.models import PRICED_METRICS
 from metering.accounts.schemas import KeyInfo
-from metering.api.auth import API_KEY_HEADER, API_KEY_PARAMETER, authorize
+from metering.api.auth import API_KEY_PARAMETER, key_with
 from metering.api.envelope import ok, only_parameters
 from metering.core.database import get_engine
 from metering.core.errors import ValidationError
@@ -30,16 +30,8 @@ router = APIRouter(tags=["billing"])
 _NONE: Final[frozenset[str]] = frozenset()
 
 
-async def billing_key(request: Request) -> KeyInfo:
-    return await authorize(request, request.headers.get(API_KEY_HEADER), "billing")
-
-
-async def staff_key(request: Request) -> KeyInfo:
-    return await authorize(request, request.headers.get(API_KEY_HEADER), "staff")
-
-
-BillingKey = Annotated[KeyInfo, Depends(billing_key)]
-StaffKey = Annotated[KeyInfo, Depends(staff_key)]
+BillingKey = Annotated[KeyInfo, Depends(key_with("billing"))]
+StaffKey = Annotated[KeyInfo, Depends(key_with("staff"))]
 
 
 class _Body(BaseModel):

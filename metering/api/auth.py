@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
@@ -57,6 +59,17 @@ async def authorize(request: Request, key: str | None, permission: str) -> KeyIn
     if permission not in info.permissions:
         raise PermissionDeniedError(PERMISSION_MESSAGES[permission])
     return info
+
+
+def key_with(permission: str) -> Callable[[Request], Awaitable[KeyInfo]]:
+    """A dependency: the request's key, which must carry ``permission``. As a dependency it
+    runs before the body and the parameters are validated: a caller without a key learns
+    nothing about what a request should look like."""
+
+    async def key(request: Request) -> KeyInfo:
+        return await authorize(request, request.headers.get(API_KEY_HEADER), permission)
+
+    return key
 
 
 API_KEY_HEADER = "IM-API-KEY"

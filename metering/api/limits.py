@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from metering.accounts.repository import AccountRepository
 from metering.accounts.schemas import KeyInfo
-from metering.api.auth import API_KEY_HEADER, API_KEY_PARAMETER, authorize
+from metering.api.auth import API_KEY_HEADER, API_KEY_PARAMETER, authorize, key_with
 from metering.api.envelope import ok, only_parameters
 from metering.core.database import unit_of_work
 from metering.core.errors import NotFoundError, ValidationError
@@ -76,15 +76,7 @@ class OverrideIn(_Body):
 # -- helpers -----------------------------------------------------------------------------------
 
 
-async def staff_key(request: Request) -> KeyInfo:
-    """The request's key, which must carry the staff permission.
-
-    A dependency, so that it runs before the body and the parameters are validated: a caller
-    without a key learns nothing about what a request should look like."""
-    return await authorize(request, request.headers.get(API_KEY_HEADER), "staff")
-
-
-StaffKey = Annotated[KeyInfo, Depends(staff_key)]
+StaffKey = Annotated[KeyInfo, Depends(key_with("staff"))]
 
 
 def _by(key: KeyInfo) -> str:

@@ -18,8 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from metering.accounts.schemas import KeyInfo
-from metering.api.auth import API_KEY_HEADER, API_KEY_PARAMETER, authorize
+from metering.api.auth import API_KEY_PARAMETER, key_with
 from metering.api.envelope import ok, only_parameters
 from metering.core.database import get_engine
 from metering.core.errors import NotFoundError, ValidationError
@@ -39,8 +38,7 @@ def _plotly() -> str:
     return str(resources.files("plotly") / "package_data" / "plotly.min.js")
 
 
-async def _key(request: Request) -> KeyInfo:
-    return await authorize(request, request.headers.get(API_KEY_HEADER), "platform")
+_key = key_with("platform")
 
 
 @router.get("/dashboard", include_in_schema=False)
