@@ -36,7 +36,8 @@ faster than linear.
 
     python bench/aggregate.py [--apps 1000 10000 100000] [--repeat 3] [--profile]
 
---profile adds, at the largest size, an all-changed and a 10 %-changed cycle timed per stage
+--profile times the largest size's new-minute cycle per stage, and adds an all-changed and a
+10 %-changed cycle timed per stage
 (with the garbage collector's share) and an all-changed one under cProfile.
 """
 
@@ -404,10 +405,15 @@ def measure(w: World, repeat: int, profile: bool) -> Figures:
         idle = BOUNDARY - 3 - clock
     crossing = seconds()
     assert crossing[0] < BOUNDARY <= crossing[-1], crossing
-    new_minute = w.cycle(agg, crossing, 1.0)
+    if profile:
+        new_minute, staged = timed_stages(
+            lambda: w.cycle(agg, crossing, 1.0), f"new minute at {w.apps} apps, 100% changed"
+        )
+    else:
+        new_minute, staged = w.cycle(agg, crossing, 1.0), ""
     progress(f"[{w.apps} apps] new minute, 100% changed: {describe(new_minute)}")
 
-    report = profile_cycles(w, agg, seconds) if profile else ""
+    report = staged + profile_cycles(w, agg, seconds) if profile else ""
     return Figures(first, steady_all, steady_some, cold, new_minute, report)
 
 
@@ -479,30 +485,38 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
 ]
 
 
+def timed_stages(cycle: Callable[[], CycleResult], title: str) -> tuple[CycleResult, str]:
+    """Run one cycle with each stage timed; the result and the table."""
+    out = io.StringIO()
+    widths = (62, 10, 8, 10)
+    stages = Stages()
+    with ExitStack() as stack:
+        for owner, name, label in STAGES:
+            timed = stages.wrap(label, getattr(owner, name))
+            stack.enter_context(mock.patch.object(owner, name, timed))
+        gc.callbacks.append(stages.on_gc)
+        stack.callback(gc.callbacks.remove, stages.on_gc)
+        r = cycle()
+    out.write(f"\nprofile, {title}: {describe(r)}\n")
+    out.write(row("stage (own time, wall clock)", "ms", "share", "of it GC", widths=widths))
+    for name, t in sorted(stages.own.items(), key=lambda kv: -kv[1]):
+        gc_ms = stages.gc.get(name, 0) * 1000
+        cells = (f"{t * 1000:.0f}", f"{t / r.duration:.0%}", f"{gc_ms:.0f}")
+        out.write("\n" + row(name, *cells, widths=widths))
+    total_gc = sum(stages.gc.values())
+    out.write(f"\ngarbage collection in all: {total_gc * 1000:.0f} ms")
+    out.write(f" ({total_gc / r.duration:.0%})\n")
+    return r, out.getvalue()
+
+
 def profile_cycles(w: World, agg: Aggregator, seconds: Callable[[], list[int]]) -> str:
     """Three more steady cycles: every app changed and 10 % changed, each timed per stage
     (the second shows what costs in proportion to all apps, not to the changed ones), then
     every app changed again under cProfile."""
     out = io.StringIO()
-    widths = (62, 10, 8, 10)
     for share in (1.0, 0.1):
-        stages = Stages()
-        with ExitStack() as stack:
-            for owner, name, label in STAGES:
-                timed = stages.wrap(label, getattr(owner, name))
-                stack.enter_context(mock.patch.object(owner, name, timed))
-            gc.callbacks.append(stages.on_gc)
-            stack.callback(gc.callbacks.remove, stages.on_gc)
-            r = w.cycle(agg, seconds(), share)
-        out.write(f"\nprofile at {w.apps} apps, steady, {share:.0%} changed: {describe(r)}\n")
-        out.write(row("stage (own time, wall clock)", "ms", "share", "of it GC", widths=widths))
-        for name, t in sorted(stages.own.items(), key=lambda kv: -kv[1]):
-            gc_ms = stages.gc.get(name, 0) * 1000
-            cells = (f"{t * 1000:.0f}", f"{t / r.duration:.0%}", f"{gc_ms:.0f}")
-            out.write("\n" + row(name, *cells, widths=widths))
-        total_gc = sum(stages.gc.values())
-        out.write(f"\ngarbage collection in all: {total_gc * 1000:.0f} ms")
-        out.write(f" ({total_gc / r.duration:.0%})\n")
+        title = f"{w.apps} apps, steady, {share:.0%} changed"
+        out.write(timed_stages(lambda s=share: w.cycle(agg, seconds(), s), title)[1])
 
     profiler = cProfile.Profile()
     for s in seconds():
