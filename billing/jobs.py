@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from billing import service
 from billing.service import CloseResult, Progress
 from metering.core.logging import get_logger
+from metering.limits.service import month_of
 
 log = get_logger(__name__)
 
@@ -69,7 +70,7 @@ def preview(engine: Engine, account_id: int, *, now: datetime | None = None) -> 
     now = now or datetime.now(UTC)
     with engine.connect() as conn:
         draft = service.preview(conn, account_id, now=now)
-    return service.draft_view(draft, service.month_of(now), now)
+    return service.draft_view(draft, month_of(now), now)
 
 
 def invoices(

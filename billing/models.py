@@ -28,7 +28,6 @@ from metering.core.database import Base, utcnow
 
 PRICED_METRICS = ("connections", "channels", "messages", "data")
 BASE_FEE = "base_fee"  # the line of the package's monthly fee
-LINE_METRICS = (BASE_FEE, *PRICED_METRICS)  # an invoice's lines, in this order
 
 
 class PackagePricing(Base):

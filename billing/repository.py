@@ -278,9 +278,6 @@ class BillingRepository:
         ).first()
         return None if row is None else BillingMonth(**row._asdict())
 
-    def closed_months(self) -> list[str]:
-        return list(self.conn.execute(select(BillingMonth.month)).scalars())
-
     def mark_closed(
         self, month: str, *, by: str, invoices: int, watermark: int, now: datetime
     ) -> None:

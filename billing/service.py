@@ -36,6 +36,7 @@ from billing.repository import BillingRepository, NewInvoice
 from metering.accounts.models import Account, Package
 from metering.core.errors import NotFoundError, ValidationError
 from metering.core.logging import get_logger
+from metering.limits.service import month_of
 from metering.rollups import query
 from metering.rollups.fold import ACCOUNT, APP
 from metering.rollups.periods import Unit, next_start, parse_interval_id
@@ -159,10 +160,6 @@ def parse_month(value: str) -> datetime:
 
 def month_bounds(start: datetime) -> tuple[int, int]:
     return int(start.timestamp()), int(next_start(Unit.MONTH, start).timestamp())
-
-
-def month_of(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m")
 
 
 # -- computing invoices --------------------------------------------------------------------------

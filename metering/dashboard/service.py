@@ -17,7 +17,7 @@ from metering.accounts.models import METRICS, Account, App, Package
 from metering.core.errors import PermissionDeniedError
 from metering.limits import levels, staff
 from metering.limits.repository import LimitsRepository
-from metering.limits.service import month_of, month_usage
+from metering.limits.service import month_entry, month_of, usage_of
 from metering.rollups import query
 from metering.rollups.periods import Unit
 
@@ -51,9 +51,8 @@ def overview(session: Session, account_id: int, *, now: datetime | None = None) 
     if package is not None:
         _enforce, limits = LimitsRepository(conn).limits_of(package.id)
     month = month_of(now)
-    usage = month_usage(conn, account_id, month)
-    peaks = query.periods(conn, query.Query(2, account_id, Unit.MONTH, limit=1))
-    this_month = peaks[0] if peaks and peaks[0]["intervalId"] == month else None
+    this_month = month_entry(conn, account_id, month)
+    usage = usage_of(this_month)
     figures: dict[str, Any] = {}
     for metric in METRICS:
         quota, hard = limits.get(metric, (None, None))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, Engine
@@ -291,14 +292,23 @@ class LiveLimits:
         return out
 
 
-def month_usage(conn: Connection, account_id: int, month: str) -> dict[str, int]:
-    """The account's usage in ``month`` so far, per metric, from its rollups."""
+def month_entry(conn: Connection, account_id: int, month: str) -> dict[str, Any] | None:
+    """The account's month rollup entry (as ``GET /v1/stats`` gives it), None without one."""
     entries = query.periods(
         conn, query.Query(scope=ACCOUNT, entity_id=account_id, unit=Unit.MONTH, limit=1)
     )
-    if not entries or entries[0]["intervalId"] != month:
+    return entries[0] if entries and entries[0]["intervalId"] == month else None
+
+
+def month_usage(conn: Connection, account_id: int, month: str) -> dict[str, int]:
+    """The account's usage in ``month`` so far, per metric, from its rollups."""
+    return usage_of(month_entry(conn, account_id, month))
+
+
+def usage_of(e: dict[str, Any] | None) -> dict[str, int]:
+    """Per metric, the usage a month entry shows (zero without one)."""
+    if e is None:
         return dict.fromkeys(METRICS, 0)
-    e = entries[0]
     return {
         "connections": int(e["connections.all.peak"]),
         "channels": int(e["channels.peak"]),
