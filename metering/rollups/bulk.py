@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import psycopg
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -27,6 +28,9 @@ from sqlalchemy import (
 )
 
 from metering.core.database import Base
+from metering.core.logging import get_logger
+
+log = get_logger(__name__)
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # header: no flags, no extension
 _TRAILER = struct.pack(">h", -1)
@@ -64,19 +68,37 @@ def _binary_dtype(widths: Sequence[int]) -> np.dtype[Any]:
     return np.dtype(fields)
 
 
-def binary_copy(rows: npt.NDArray[np.int64]) -> bytearray:
-    """``rows`` (no NULLs) in COPY's binary format, every column a ``bigint``: three array
-    assignments for the whole matrix (each field is its length, 8, then the value), straight
-    into the buffer that is sent (no concatenation: at 100 000 rows it is 55 MB)."""
+def binary_copy(rows: npt.NDArray[np.int64], widths: Sequence[int] | None = None) -> bytearray:
+    """``rows`` (no NULLs) in COPY's binary format, every column a ``bigint`` or, with
+    ``widths``, each column an integer of that many bytes (as the table's column is typed).
+
+    All bigints: three array assignments for the whole matrix (each field is its length, 8,
+    then the value), straight into the buffer that is sent (no concatenation: at 100 000 rows
+    it is 55 MB). Typed: two assignments per column."""
     n_rows, n = rows.shape
-    record = np.dtype([("n", ">i2"), ("f", _BIGINT_FIELD, (n,))])
+    typed = widths is not None and any(w != 8 for w in widths)
+    if typed:
+        assert widths is not None
+        for i, w in enumerate(widths):
+            limit = 1 << (8 * w - 1)
+            if w != 8 and n_rows and not (-limit <= rows[:, i].min() <= rows[:, i].max() < limit):
+                raise ValueError(f"column {i} has a value outside {w}-byte integers")
+        record = _binary_dtype(widths)
+    else:
+        record = np.dtype([("n", ">i2"), ("f", _BIGINT_FIELD, (n,))])
     buf = bytearray(len(_SIGNATURE) + n_rows * record.itemsize + len(_TRAILER))
     buf[: len(_SIGNATURE)] = _SIGNATURE
     buf[len(buf) - len(_TRAILER) :] = _TRAILER
     out = np.frombuffer(buf, dtype=record, count=n_rows, offset=len(_SIGNATURE))
     out["n"] = n
-    out["f"]["l"] = 8
-    out["f"]["v"] = rows
+    if typed:
+        assert widths is not None
+        for i, w in enumerate(widths):
+            out[f"l{i}"] = w
+            out[f"v{i}"] = rows[:, i]
+    else:
+        out["f"]["l"] = 8
+        out["f"]["v"] = rows
     return buf
 
 
@@ -127,6 +149,44 @@ def upsert_array(
         return upsert(conn, table, columns=columns, keys=keys, rows=rows.tolist(), merge=merge)
     with _staged(conn, table, columns, rows) as (cur, stage):
         cur.execute(_merge_from(conn.dialect.name, table, stage, columns, keys, merge))
+    return len(rows)
+
+
+def insert_array(
+    conn: Connection,
+    table: str,
+    *,
+    columns: Sequence[str],
+    keys: Sequence[str],
+    rows: npt.NDArray[np.int64],
+    merge: Mapping[str, str],
+) -> int:
+    """Insert an integer matrix of records that are new (``columns`` order, no NULLs).
+
+    On Postgres a binary COPY straight into ``table``, typed as its columns: no staging table,
+    no statement, no speculative insertion per row (120 000 closed minute rows: about 0.6 s,
+    against 1.0 s for ``upsert_array``). The rows go in key order, so each index page takes
+    its entries together. Should a record be there already (a replay that the caller's design
+    rules out), a savepoint takes the COPY back and the rows are merged by ``upsert_array``
+    with ``merge``: slower, never wrong, and logged.
+    """
+    if not len(rows):
+        return 0
+    if conn.dialect.name != "postgresql":
+        return upsert(conn, table, columns=columns, keys=keys, rows=rows.tolist(), merge=merge)
+    order = np.lexsort([rows[:, columns.index(k)] for k in reversed(keys)])
+    data = binary_copy(rows[order], _widths(table, columns))
+    try:
+        with conn.begin_nested():
+            raw: Any = conn.connection.driver_connection
+            with (
+                raw.cursor() as cur,
+                cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy,
+            ):
+                copy.write(data)
+    except psycopg.errors.UniqueViolation as exc:
+        log.warning("bulk.insert_found_existing_rows", table=table, rows=len(rows), error=str(exc))
+        return upsert_array(conn, table, columns=columns, keys=keys, rows=rows, merge=merge)
     return len(rows)
 
 

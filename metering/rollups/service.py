@@ -492,24 +492,20 @@ class Aggregator:
             for u in range(1, len(UNITS))
             for iu in [np.nonzero(book.dirty_rows[u, : book.size])[0]]
         ]
-        blocks = [
-            np.column_stack([*split(code), np.full(len(code), u + 1, dtype=np.int64), rows])
-            for u, code, rows in [*parts, *folder.closed]
-            if len(code)
-        ]
-        rows = np.concatenate(blocks) if blocks else np.zeros((0, len(ROW_COLUMNS)), np.int64)
-        if horizons and len(rows):
-            horizon = np.array([horizons.get(u + 1, 0) for u in range(len(UNITS))], np.int64)
-            rows = rows[rows[:, 3] >= horizon[rows[:, 2] - 1]]
+        # Minute rows were only ever in the state: once closed they are new to usage_rollups
+        # (inserted). The other units' rows may be there already (merged).
+        minutes = _row_matrix([(u, c, r) for u, c, r in folder.closed if u == 0], horizons)
+        rows = _row_matrix([*parts, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
         bulk.replace_array(conn, "usage_state", columns=STATE_COLUMNS, keys=_KEYS, rows=state_rows)
         bulk.replace_array(
             conn, "usage_starts", columns=STARTS_COLUMNS, keys=_KEYS, rows=starts_rows
         )
-        bulk.upsert_array(
-            conn, "usage_rollups", columns=ROW_COLUMNS,
-            keys=("scope", "entity_id", "unit", "period_start"), rows=rows, merge=_ROW_MERGE,
-        )  # fmt: skip
-        return len(state_rows), len(rows)
+        for write, block in ((bulk.insert_array, minutes), (bulk.upsert_array, rows)):
+            write(
+                conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
+                merge=_ROW_MERGE,
+            )  # fmt: skip
+        return len(state_rows), len(minutes) + len(rows)
 
     def _write_marks(
         self, conn: Connection, loaded: _Loaded, dirty: set[tuple[str, str]], second: int
@@ -529,6 +525,21 @@ class Aggregator:
             conn, "usage_marks", columns=columns, keys=columns[:2], rows=rows,
             merge={c: f"excluded.{c}" for c in columns[2:]},
         )  # fmt: skip
+
+
+def _row_matrix(parts: list[tuple[int, Ints, Ints]], horizons: Mapping[int, int]) -> Ints:
+    """Rows of ``usage_rollups`` (``ROW_COLUMNS``) from (unit index, codes, book rows) parts,
+    without those older than their unit's retention horizon (dropped, not written back)."""
+    blocks = [
+        np.column_stack([*split(code), np.full(len(code), u + 1, dtype=np.int64), rows])
+        for u, code, rows in parts
+        if len(code)
+    ]
+    rows = np.concatenate(blocks) if blocks else np.zeros((0, len(ROW_COLUMNS)), np.int64)
+    if horizons and len(rows):
+        horizon = np.array([horizons.get(u + 1, 0) for u in range(len(UNITS))], np.int64)
+        rows = rows[rows[:, 3] >= horizon[rows[:, 2] - 1]]
+    return rows
 
 
 def account_usage(book: Book) -> AccountUsage:

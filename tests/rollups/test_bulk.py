@@ -1,6 +1,7 @@
 """The bulk writes the aggregator's cycle makes: a binary COPY that Postgres reads back as
-sent, and writing states as they now are (updated where they exist, inserted where not) on
-Postgres and on SQLite alike."""
+sent, writing states as they now are (updated where they exist, inserted where not), and
+inserting closed minute rows (merged instead, should one be there already) on Postgres and on
+SQLite alike."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlalchemy import Engine, text
 from metering.core.database import make_engine
 from metering.core.migrate import upgrade
 from metering.rollups import bulk
-from metering.rollups.service import STATE_COLUMNS
+from metering.rollups.service import _ROW_MERGE, ROW_COLUMNS, STATE_COLUMNS
 from tests.scratch import scratch_database
 
 
@@ -79,3 +80,54 @@ def test_a_binary_copy_reads_back_as_the_matrix_it_was_built_from() -> None:
     rows = rng.integers(-(2**62), 2**62, size=(1000, 5), dtype=np.int64)
     rows[0] = [0, -1, 1, np.iinfo(np.int64).min, np.iinfo(np.int64).max]
     assert (bulk.parse_binary_copy(bytes(bulk.binary_copy(rows)), [8] * 5) == rows).all()
+
+
+def minute_row(entity: int, start: int, peak: int, low: int) -> list[int]:
+    """A minute row of ``usage_rollups`` (scope 1) with ``peak`` and ``min``; the rest 7."""
+    values = dict.fromkeys(ROW_COLUMNS, 7) | {
+        "scope": 1, "entity_id": entity, "unit": 1, "period_start": start, "peak": peak,
+        "peak_at": start + 1, "min": low,
+    }  # fmt: skip
+    return [values[c] for c in ROW_COLUMNS]
+
+
+def insert(engine: Engine, rows: list[list[int]]) -> None:
+    with engine.begin() as conn:
+        bulk.insert_array(
+            conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4],
+            rows=np.array(rows, dtype=np.int64), merge=_ROW_MERGE,
+        )  # fmt: skip
+
+
+def rollups(engine: Engine) -> list[tuple[int, ...]]:
+    with engine.connect() as conn:
+        found = conn.execute(
+            text(f"SELECT {', '.join(ROW_COLUMNS)} FROM usage_rollups ORDER BY entity_id")
+        ).all()
+    return [tuple(r) for r in found]
+
+
+def test_new_minute_rows_are_inserted_as_given_and_one_already_there_is_merged(
+    engine: Engine,
+) -> None:
+    start = 1_780_000_020 - 1_780_000_020 % 60
+    big = 2**40 + 3  # a bigint column keeps what does not fit in 32 bits
+    first = [minute_row(3, start, 5, 2), minute_row(1, start, big, 1)]
+    insert(engine, first)
+    assert rollups(engine) == [tuple(first[1]), tuple(first[0])]
+
+    # A replay the design rules out (the row is there already): merged, the cycle not lost.
+    insert(engine, [minute_row(2, start, 4, 4), minute_row(3, start, 9, 3)])
+    stored = {r[1]: r for r in rollups(engine)}
+    assert sorted(stored) == [1, 2, 3]
+    assert stored[3][ROW_COLUMNS.index("peak")] == 9  # GREATEST
+    assert stored[3][ROW_COLUMNS.index("peak_at")] == start + 1
+    assert stored[3][ROW_COLUMNS.index("min")] == 2  # LEAST
+    assert stored[2] == tuple(minute_row(2, start, 4, 4))
+
+
+def test_a_typed_binary_copy_refuses_a_value_its_column_cannot_hold() -> None:
+    rows = np.array([[1, 2**15]], dtype=np.int64)
+    assert bulk.parse_binary_copy(bytes(bulk.binary_copy(rows[:, :1], [2])), [2]) == [[1]]
+    with pytest.raises(ValueError, match="outside 2-byte integers"):
+        bulk.binary_copy(rows, [2, 2])
