@@ -500,10 +500,10 @@ class Aggregator:
         bulk.replace_array(
             conn, "usage_starts", columns=STARTS_COLUMNS, keys=_KEYS, rows=starts_rows
         )
-        for write, block in ((bulk.insert_array, minutes), (bulk.upsert_array, rows)):
-            write(
+        for block, new in ((minutes, True), (rows, False)):
+            bulk.upsert_array(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
-                merge=_ROW_MERGE,
+                merge=_ROW_MERGE, new=new,
             )  # fmt: skip
         return len(state_rows), len(minutes) + len(rows)
 

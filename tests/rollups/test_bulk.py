@@ -93,9 +93,9 @@ def minute_row(entity: int, start: int, peak: int, low: int) -> list[int]:
 
 def insert(engine: Engine, rows: list[list[int]]) -> None:
     with engine.begin() as conn:
-        bulk.insert_array(
+        bulk.upsert_array(
             conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4],
-            rows=np.array(rows, dtype=np.int64), merge=_ROW_MERGE,
+            rows=np.array(rows, dtype=np.int64), merge=_ROW_MERGE, new=True,
         )  # fmt: skip
 
 
