@@ -767,9 +767,10 @@ def stats(
 
     def run() -> list[dict[str, Any]]:
         # Check every option before touching the database: a typo is named, not a query run.
-        first, until = _moment("--start", start), _moment("--end", end, end=True)
-        if first is not None and until is not None and first >= until:
+        first_ms, until_ms = _millis("--start", start), _millis("--end", end)
+        if first_ms is not None and until_ms is not None and first_ms >= until_ms:
             raise MeteringError(f"--start ({start}) must be before --end ({end})")
+        first, until = rollups.parse_range(first_ms, until_ms, ("--start", "--end"))
         query = rollups.Query(
             APP if scope == "app" else ACCOUNT,
             entity,
@@ -800,17 +801,14 @@ def stats(
         typer.echo(_stats_table(entries, month=unit == "month"))
 
 
-def _moment(option: str, value: str | None, *, end: bool = False) -> int | None:
-    """An option's time as whole seconds since the epoch (UTC).
-
-    Periods start on whole seconds: a start rounds down, and an (exclusive) end rounds up, so
-    that a period starting any time before the end is in the range.
-    """
+def _millis(option: str, value: str | None) -> int | None:
+    """An option's time as milliseconds since the epoch (UTC); ``parse_range`` makes whole
+    seconds of it as the API does (a start rounds down, an exclusive end up)."""
     if value is None:
         return None
     text = value.strip()
     if _MILLIS.fullmatch(text):
-        return _seconds(option, int(text), end=end)
+        return int(text)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -822,15 +820,7 @@ def _moment(option: str, value: str | None, *, end: bool = False) -> int | None:
     moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     if moment < _EPOCH:
         raise MeteringError(f"{option} must be after 1970-01-01, got {value!r}")
-    return _seconds(option, (moment - _EPOCH) // timedelta(milliseconds=1), end=end)
-
-
-def _seconds(option: str, millis: int, *, end: bool) -> int:
-    from metering.rollups.query import parse_millis  # noqa: PLC0415
-
-    seconds = parse_millis(option, millis, round_up=end)  # the API's range and rounding
-    assert seconds is not None
-    return seconds
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 def _utc_text(value: str) -> str:

@@ -312,6 +312,10 @@ def test_stats_mistakes_get_one_clear_line(env: Env) -> None:
             "--start (2026-04-01) must be before --end (2026-03-31T23:57)",
         ),
         ((*app, "--start", "1000", "--end", "1000"), "--start (1000) must be before --end (1000)"),
+        (
+            (*app, "--start", "1000500", "--end", "1000200"),
+            "--start (1000500) must be before --end (1000200)",
+        ),
         (("--app", "999999"), "app 999999 does not exist"),
         (("--account", "999999"), "account 999999 does not exist"),
     ]

@@ -49,8 +49,7 @@ async def stats(
         raise ValidationError(f"scope must be app or account, got {scope!r}")
     q_unit = rollups.parse_unit(unit)
     backwards = rollups.parse_direction(direction)
-    q_start = rollups.parse_millis("start", start)
-    q_end = rollups.parse_millis("end", end, round_up=True)
+    q_start, q_end = rollups.parse_range(start, end)
     app_id = key.app_id if app is None else app
 
     def load() -> list[dict[str, Any]]:

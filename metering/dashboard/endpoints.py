@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from metering.api.auth import API_KEY_PARAMETER, key_with
 from metering.api.envelope import ok, only_parameters
 from metering.core.database import get_engine
-from metering.core.errors import NotFoundError, ValidationError
+from metering.core.errors import NotFoundError
 from metering.dashboard import service
 from metering.live.service import LiveCounts
 from metering.live.store import Transport
@@ -96,10 +96,9 @@ async def series(
     key = await _key(request)
     only_parameters(request, frozenset({"unit", "start", "end", "app"}))
     q_unit = query.parse_unit(unit)
-    lo = query.parse_millis("start", start)
-    hi = query.parse_millis("end", end, round_up=True)
-    if lo is None or hi is None or start >= end:
-        raise ValidationError("start must be before end")
+    lo, hi = query.parse_range(start, end)
+    assert lo is not None  # both are required parameters
+    assert hi is not None
 
     def run() -> list[dict[str, Any]]:
         with get_engine().connect() as conn:

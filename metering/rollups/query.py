@@ -350,6 +350,19 @@ def parse_millis(name: str, value: int | None, *, round_up: bool = False) -> int
     return -(-value // 1000) if round_up else value // 1000
 
 
+def parse_range(
+    start: int | None, end: int | None, names: tuple[str, str] = ("start", "end")
+) -> tuple[int | None, int | None]:
+    """A range ``[start, end)`` in milliseconds since the epoch, as whole seconds (rounded as
+    ``parse_millis`` does). Its order is checked before the rounding: a start even a
+    millisecond after the end is refused, not rounded into a range of one second."""
+    lo = parse_millis(names[0], start)
+    hi = parse_millis(names[1], end, round_up=True)
+    if start is not None and end is not None and start >= end:
+        raise ValidationError(f"{names[0]} must be before {names[1]}")
+    return lo, hi
+
+
 @dataclass(frozen=True, slots=True)
 class MonthUsage:
     """Column-wise, per entity of a scope with activity in one month (sorted by id): the

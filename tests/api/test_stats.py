@@ -63,6 +63,8 @@ def assert_error(response: Any, status: int, code: str, *words: str) -> None:
     [
         ({"start": 2_000_000, "end": 1_000_000}, ("start must be before end",)),
         ({"start": 1_000_000, "end": 1_000_000}, ("start must be before end",)),
+        # Inverted by less than a second: refused, not rounded into a second-long range.
+        ({"start": 1_000_500, "end": 1_000_200}, ("start must be before end",)),
         ({"unit": "week"}, ("unknown unit 'week'", "minute, hour, day, month")),
         ({"unit": ""}, ("unknown unit ''",)),
         ({"direction": "sideways"}, ("direction must be backwards or forwards", "'sideways'")),
@@ -80,10 +82,10 @@ def assert_error(response: Any, status: int, code: str, *words: str) -> None:
         ({"app": "mine"}, ("app", "valid integer")),
     ],
     ids=[
-        "inverted-range", "empty-range", "unknown-unit", "empty-unit", "unknown-direction",
-        "unknown-scope", "limit-0", "limit-1001", "limit-huge", "limit-negative",
-        "limit-word", "limit-fraction", "start-word", "end-iso", "start-negative", "end-far",
-        "app-word",
+        "inverted-range", "empty-range", "inverted-within-a-second", "unknown-unit",
+        "empty-unit", "unknown-direction", "unknown-scope", "limit-0", "limit-1001",
+        "limit-huge", "limit-negative", "limit-word", "limit-fraction", "start-word", "end-iso",
+        "start-negative", "end-far", "app-word",
     ],
 )  # fmt: skip
 def test_a_bad_parameter_is_a_400_that_names_it(
