@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -47,6 +48,22 @@ class Base(DeclarativeBase):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def dialect_insert(conn: Connection) -> Any:
+    """The ``insert`` of ``conn``'s dialect, Postgres's or SQLite's: both have ON CONFLICT."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert
+    return sqlite.insert
+
+
+def upsert_one(conn: Connection, table: Any, keys: dict[str, Any], values: dict[str, Any]) -> None:
+    """Insert the row ``keys | values`` into ``table`` (a model or table), or set ``values`` on
+    the row with those ``keys``: one ``INSERT ... ON CONFLICT DO UPDATE``, so two writers of the
+    same new row at once both succeed (a read-then-insert would give the second a unique
+    violation)."""
+    stmt = dialect_insert(conn)(table).values(**keys, **values)
+    conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=values))
 
 
 def make_engine(url: str) -> Engine:

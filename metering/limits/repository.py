@@ -13,11 +13,10 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, delete, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, delete, insert, or_, select
 
 from metering.accounts.models import METRICS, Account, Package, PackageLimit
+from metering.core.database import dialect_insert, upsert_one
 from metering.limits.levels import Ints
 from metering.limits.models import AccountAdmission, AccountOverride, AlertDelivery, LimitAlert
 from metering.rollups import bulk
@@ -103,7 +102,7 @@ class LimitsRepository:
         """Record the alerts not recorded yet (the unique key decides), each with its id."""
         if not alerts:
             return []
-        upsert: Any = pg_insert if self.conn.dialect.name == "postgresql" else sqlite_insert
+        upsert = dialect_insert(self.conn)
         recorded: list[tuple[int, NewAlert]] = []
         for alert in alerts:
             stmt = (
@@ -142,32 +141,15 @@ class LimitsRepository:
         kept = {a: r for a, r in rows.items() if not r.empty}
         if gone:
             self.conn.execute(delete(AccountAdmission).where(AccountAdmission.account_id.in_(gone)))
-        if kept:
-            existing = set(
-                self.conn.scalars(
-                    select(AccountAdmission.account_id).where(
-                        AccountAdmission.account_id.in_(list(kept))
-                    )
-                )
-            )
-            for account_id, r in kept.items():
-                values = {
-                    "connections_hard": r.connections_hard,
-                    "channels_hard": r.channels_hard,
-                    "publish_blocked_month": r.publish_blocked_month,
-                    "publish_blocked_by": r.publish_blocked_by,
-                    "updated_at": now,
-                }
-                if account_id in existing:
-                    self.conn.execute(
-                        update(AccountAdmission)
-                        .where(AccountAdmission.account_id == account_id)
-                        .values(**values)
-                    )
-                else:
-                    self.conn.execute(
-                        insert(AccountAdmission).values(account_id=account_id, **values)
-                    )
+        for account_id, r in kept.items():
+            values = {
+                "connections_hard": r.connections_hard,
+                "channels_hard": r.channels_hard,
+                "publish_blocked_month": r.publish_blocked_month,
+                "publish_blocked_by": r.publish_blocked_by,
+                "updated_at": now,
+            }
+            upsert_one(self.conn, AccountAdmission, {"account_id": account_id}, values)
 
     def block_publishing(
         self, account_id: int, month: str, metric: str, now: datetime

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from metering.accounts.models import METRICS, Account, Package, PackageChange, PackageLimit
+from metering.core.database import upsert_one
 from metering.core.errors import NotFoundError, ValidationError
 from metering.limits import levels
 from metering.limits.models import AccountAdmission, AccountOverride, AlertDelivery, LimitAlert
@@ -212,17 +213,10 @@ def set_override(
             raise ValidationError("until must carry a time zone (e.g. 2026-12-01T00:00:00Z)")
         if until <= now:
             raise ValidationError("until must be in the future")
-    override = session.get(AccountOverride, account_id)
-    if override is None:
-        override = AccountOverride(account_id=account_id)
-        session.add(override)
-    override.until, override.reason, override.created_by, override.created_at = (
-        until,
-        reason,
-        by,
-        now,
-    )
-    session.flush()
+    values = {"until": until, "reason": reason, "created_by": by, "created_at": now}
+    upsert_one(session.connection(), AccountOverride, {"account_id": account_id}, values)
+    override = session.get(AccountOverride, account_id, populate_existing=True)
+    assert override is not None
     return Change(_override_out(override), _rebuild(session, account_id, now))
 
 

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import getpass
 import json
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from metering.accounts.models import PackageChange
 from metering.core.database import get_engine, unit_of_work
+from metering.limits import staff
 from metering.limits.models import AlertDelivery, LimitAlert
 from metering.limits.repository import AdmissionRow
 from metering.limits.store import AdmissionStore
@@ -405,3 +409,47 @@ def test_alerts_are_listed_newest_first_with_their_deliveries_and_acknowledged(
 def test_no_alerts_is_not_an_error(env: Env, args: tuple[str, ...]) -> None:
     out = ok(env, "alerts", "list", *args)
     assert out.strip() == ("[]" if args else "no alerts")
+
+
+def test_two_overrides_of_an_account_at_once_both_succeed_and_the_later_commit_stays(
+    env: Env,
+) -> None:
+    """Two staff override an account that has none at the same moment: the second waits for
+    the first's row, then replaces it (no unique violation, no 500)."""
+    t = tenant("platform")
+    engine = get_engine()
+    first = Session(engine)
+    staff.set_override(first, t.account_id, reason="launch", by="ann")  # not committed yet
+    outcome: dict[str, Any] = {}
+
+    def second() -> None:
+        try:
+            with Session(engine) as session:
+                outcome["change"] = staff.set_override(
+                    session, t.account_id, reason="partner", by="bob"
+                )
+                session.commit()
+        except Exception as exc:  # the test reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    # The second writer is waiting for the first's uncommitted override row.
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:
+        while not conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar():
+            assert time.monotonic() < deadline, "the second override never waited for the first"
+            assert thread.is_alive(), outcome
+            time.sleep(0.02)
+            conn.rollback()
+    first.commit()
+    first.close()
+    thread.join(10)
+    assert "error" not in outcome, outcome["error"]
+    assert outcome["change"].result.reason == "partner"
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT reason, created_by FROM account_overrides WHERE account_id = :a"),
+            {"a": t.account_id},
+        ).all()
+    assert [tuple(r) for r in stored] == [("partner", "bob")]
