@@ -35,6 +35,7 @@ from billing.pricing import Peak, Price, Pricing
 from billing.repository import BillingRepository, NewInvoice
 from metering.accounts.models import Account, Package
 from metering.core.errors import NotFoundError, ValidationError
+from metering.core.ids import is_id
 from metering.core.logging import get_logger
 from metering.limits.service import month_of
 from metering.rollups import query
@@ -44,7 +45,6 @@ from metering.rollups.periods import Unit, next_start, parse_interval_id
 log = get_logger(__name__)
 
 Progress = Callable[[int, int], None]  # (accounts done, accounts in all)
-_MAX_ID = 2**31 - 1
 # Money(24, 4): an invoice's total must stay below 10^20.
 _MAX_TOTAL = Decimal(10) ** 20
 
@@ -140,7 +140,7 @@ def prices_of(conn: Connection, package_ref: str) -> Pricing:
 def _package(conn: Connection, ref: str) -> tuple[int, str]:
     """(id, name) of the package named ``ref``, or whose id it is."""
     ref = ref.strip()
-    by_id = ref.isdigit() and int(ref) <= _MAX_ID
+    by_id = ref.isdigit() and is_id(int(ref))
     q = select(Package.id, Package.name).where(
         Package.id == int(ref) if by_id else Package.name == ref
     )
@@ -436,7 +436,7 @@ def preview(conn: Connection, account_id: int, *, now: datetime | None = None) -
     """A draft of the account's invoice for the current month, as it stands now."""
     now = now or datetime.now(UTC)
     exists = (
-        0 < account_id <= _MAX_ID
+        is_id(account_id)
         and conn.execute(select(Account.id).where(Account.id == account_id)).first()
     )
     if not exists:
@@ -472,9 +472,7 @@ def invoices(
 
 
 def invoice(conn: Connection, invoice_id: int) -> dict[str, Any]:
-    found = (
-        BillingRepository(conn).invoices(invoice_id=invoice_id) if 0 < invoice_id <= _MAX_ID else []
-    )
+    found = BillingRepository(conn).invoices(invoice_id=invoice_id) if is_id(invoice_id) else []
     if not found:
         raise NotFoundError(f"invoice {invoice_id} does not exist", code="INVOICE_NOT_FOUND")
     return view(found[0])

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as SettingsError
 
 from metering.core.errors import MeteringError, NotFoundError
+from metering.core.ids import is_id
 
 T = TypeVar("T")
 
@@ -59,7 +60,6 @@ ByOption = Annotated[
     typer.Option("--by", help="Who makes the change, as recorded (default: your OS user)."),
 ]
 # Ids are 32-bit integer columns: a larger one names nothing (and Postgres refuses to compare).
-_MAX_ID = 2**31 - 1
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -244,7 +244,7 @@ def _publish_admission(rows: Mapping[int, Any]) -> None:
 
 
 def _account_id(account_id: int) -> int:
-    if not 0 < account_id <= _MAX_ID:
+    if not is_id(account_id):
         raise NotFoundError(f"account {account_id} does not exist", code="ACCOUNT_NOT_FOUND")
     return account_id
 
@@ -562,7 +562,7 @@ def alerts_ack(alert_id: int, by: ByOption = None, as_json: JsonOption = False) 
 
     def run() -> Any:
         who = _by(by)
-        if not 0 < alert_id <= _MAX_ID:
+        if not is_id(alert_id):
             raise NotFoundError(f"alert {alert_id} does not exist", code="ALERT_NOT_FOUND")
         with unit_of_work() as session:
             return staff.acknowledge(session, alert_id, by=who, now=now)

@@ -73,6 +73,12 @@ def test_mistakes_get_one_clear_line(env: Env) -> None:
     cases = [
         (("apps", "create", "--account", "999", "x"), "account 999 does not exist"),
         (("keys", "create", "--app", "999", "--permission", "platform"), "app 999 does not exist"),
+        # Past the 32-bit id columns: no such row either (not a database error).
+        (("apps", "create", "--account", "99999999999", "x"), "account 99999999999 does not exist"),
+        (
+            ("keys", "create", "--app", "99999999999", "--permission", "stats"),
+            "app 99999999999 does not exist",
+        ),
         (("accounts", "create", "   "), "account name must be 1 to 200 characters"),
     ]
     account = json.loads(run(child, "accounts", "create", "A", "--json").stdout)
@@ -318,6 +324,8 @@ def test_stats_mistakes_get_one_clear_line(env: Env) -> None:
         ),
         (("--app", "999999"), "app 999999 does not exist"),
         (("--account", "999999"), "account 999999 does not exist"),
+        (("--app", "99999999999"), "app 99999999999 does not exist"),
+        (("--account", "99999999999"), "account 99999999999 does not exist"),
     ]
     for args, message in cases:
         result = run(env.child_env(), "stats", *args)

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from metering.accounts.models import Account, ApiKey, App
+from metering.core.ids import is_id
 
 
 class AccountRepository:
@@ -17,10 +18,10 @@ class AccountRepository:
         self.session.flush()
 
     def account(self, account_id: int) -> Account | None:
-        return self.session.get(Account, account_id)
+        return self.session.get(Account, account_id) if is_id(account_id) else None
 
     def app(self, app_id: int) -> App | None:
-        return self.session.get(App, app_id)
+        return self.session.get(App, app_id) if is_id(app_id) else None
 
     def accounts(self) -> list[Account]:
         return list(self.session.scalars(select(Account).order_by(Account.id)))

@@ -27,6 +27,7 @@ from metering.api.auth import API_KEY_HEADER, API_KEY_PARAMETER, authorize, key_
 from metering.api.envelope import ok, only_parameters
 from metering.core.database import unit_of_work
 from metering.core.errors import NotFoundError, ValidationError
+from metering.core.ids import is_id
 from metering.core.logging import get_logger
 from metering.gateway.admission import Admission, Refusal
 from metering.gateway.registry import AppRegistry, valid_app_id
@@ -40,8 +41,6 @@ router = APIRouter(tags=["limits"])
 # time).
 admission_router = APIRouter(tags=["admission"])
 
-# Ids are 32-bit integer columns: a larger one names nothing (and Postgres refuses to compare).
-_MAX_ID: Final = 2**31 - 1
 _NO_PARAMETERS: frozenset[str] = frozenset()
 
 
@@ -84,7 +83,7 @@ def _by(key: KeyInfo) -> str:
 
 
 def _account_id(account_id: int) -> int:
-    if not 0 < account_id <= _MAX_ID:
+    if not is_id(account_id):
         raise NotFoundError(f"account {account_id} does not exist", code="ACCOUNT_NOT_FOUND")
     return account_id
 
@@ -313,7 +312,7 @@ async def list_alerts(
 )
 async def acknowledge(request: Request, key: StaffKey, alert_id: int) -> dict[str, Any]:
     only_parameters(request, _NO_PARAMETERS)
-    if not 0 < alert_id <= _MAX_ID:
+    if not is_id(alert_id):
         raise NotFoundError(f"alert {alert_id} does not exist", code="ALERT_NOT_FOUND")
 
     def run() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from metering.accounts.models import METRICS, Account, App, Package
 from metering.core.errors import PermissionDeniedError
+from metering.core.ids import is_id
 from metering.limits import levels, staff
 from metering.limits.repository import LimitsRepository
 from metering.limits.service import month_entry, month_of, usage_of
@@ -34,7 +35,11 @@ def apps_of(conn: Connection, account_id: int) -> list[dict[str, Any]]:
 
 def check_app(conn: Connection, account_id: int, app_id: int) -> None:
     """An app of another account is refused, as if it did not exist."""
-    owner = conn.execute(select(App.account_id).where(App.id == app_id)).scalar()
+    owner = (
+        conn.execute(select(App.account_id).where(App.id == app_id)).scalar()
+        if is_id(app_id)
+        else None
+    )
     if owner != account_id:
         raise PermissionDeniedError(f"app {app_id} is not an app of this key's account")
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from metering.accounts.models import METRICS, Account, Package, PackageChange, PackageLimit
 from metering.core.database import upsert_one
 from metering.core.errors import NotFoundError, ValidationError
+from metering.core.ids import is_id
 from metering.limits import levels
 from metering.limits.models import AccountAdmission, AccountOverride, AlertDelivery, LimitAlert
 from metering.limits.repository import AdmissionRow, LimitsRepository
@@ -31,7 +32,6 @@ from metering.limits.schemas import (
 )
 from metering.limits.service import desired_admission
 
-MAX_ID = 2**31 - 1
 MAX_LIMIT = 10**15  # far beyond any real package; keeps every sum well inside int64
 _LIMIT = re.compile(r"^\s*([a-z]+)\s*=\s*(-?\d+)\s*(?::\s*(-?\d+)\s*)?$")
 _MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -131,16 +131,11 @@ def list_packages(session: Session) -> list[PackageOut]:
 def find_package(session: Session, ref: str) -> Package:
     """A package by name, or by id."""
     package = session.scalar(select(Package).where(Package.name == ref.strip()))
-    if package is None and ref.strip().isdigit() and _is_id(int(ref)):
+    if package is None and ref.strip().isdigit() and is_id(int(ref)):
         package = session.get(Package, int(ref))
     if package is None:
         raise NotFoundError(f"no package {ref!r}", code="PACKAGE_NOT_FOUND")
     return package
-
-
-def _is_id(value: int) -> bool:
-    """Whether ``value`` can be a row id at all (ids are 32-bit: larger ones exist nowhere)."""
-    return 0 < value <= MAX_ID
 
 
 def _by(value: str) -> str:
@@ -151,7 +146,7 @@ def _by(value: str) -> str:
 
 
 def _account(session: Session, account_id: int) -> Account:
-    account = session.get(Account, account_id) if _is_id(account_id) else None
+    account = session.get(Account, account_id) if is_id(account_id) else None
     if account is None:
         raise NotFoundError(f"account {account_id} does not exist", code="ACCOUNT_NOT_FOUND")
     return account
@@ -316,7 +311,7 @@ def acknowledge(
     """Mark an alert seen by staff (acknowledging it again keeps the first acknowledgement)."""
     by = _by(by)
     # Locked: of two staff acknowledging at once, the first one is kept.
-    alert = session.get(LimitAlert, alert_id, with_for_update=True) if _is_id(alert_id) else None
+    alert = session.get(LimitAlert, alert_id, with_for_update=True) if is_id(alert_id) else None
     if alert is None:
         raise NotFoundError(f"alert {alert_id} does not exist", code="ALERT_NOT_FOUND")
     if alert.acknowledged_at is None:

@@ -105,6 +105,8 @@ def test_an_app_of_another_account_is_forbidden(client: TestClient, keys: Tenant
         )
     # An app that does not exist is not one of the account's either (and is not confirmed).
     assert_error(get(client, keys.key, app=999_999), 403, "PERMISSION_DENIED", "app 999999")
+    big = 99_999_999_999  # past the 32-bit id column: no such app either, not a 500
+    assert_error(get(client, keys.key, app=big), 403, "PERMISSION_DENIED", f"app {big}")
 
 
 def test_a_sibling_app_of_the_same_account_is_allowed(client: TestClient, keys: Tenant) -> None:

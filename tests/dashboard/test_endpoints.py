@@ -45,6 +45,7 @@ def test_the_dashboard_reads_only_the_keys_account(client: TestClient) -> None:
          "PERMISSION_DENIED"),
         ("/v1/dashboard/series", {**window, "app": other.app_id}, h, 403, "PERMISSION_DENIED"),
         ("/v1/dashboard/live", {"app": other.app_id}, h, 403, "PERMISSION_DENIED"),
+        ("/v1/dashboard/series", {**window, "app": 99_999_999_999}, h, 403, "PERMISSION_DENIED"),
         ("/v1/dashboard/series", {**window, "unit": "week"}, h, 400, "INVALID_REQUEST"),
         ("/v1/dashboard/series", {**window, "start": now, "end": now - 1}, h, 400,
          "INVALID_REQUEST"),
