@@ -13,6 +13,10 @@ The layout (built by migration 0003; why, in ``docs/rollups.md``; measured by
       usage_rollups_day                 unit 3: kept for ever by default, never dropped whole
       usage_rollups_month               unit 4: likewise
 
+The (unit, period_start) index is on the hour rows (a partitioned index: their partitions made
+later have it too), the day and month rows and ``usage_rollups_minute_default``, not on the
+daily minute partitions (migration 0011: read per entity, dropped whole).
+
 ``ensure`` keeps partitions ready ahead (``SPLITS``: minute rows a week, hour rows through the
 month after next); the migration and the hourly retention task call it.
 
