@@ -934,16 +934,24 @@ def billing_close(month: MonthOption, by: ByOption = None, as_json: JsonOption =
     from metering.core.database import get_engine  # noqa: PLC0415
 
     bars: list[Any] = []
+    lines = [0]  # not a terminal (a log, a cron job): a line per tenth done instead of a bar
 
     def progress(done: int, total: int) -> None:
-        if not bars:
-            bar = typer.progressbar(length=total, label=f"pricing {month}", file=sys.stderr)
-            bars.append([bar.__enter__(), 0])
-        bar, shown = bars[0]
-        bar.update(done - shown)
-        bars[0][1] = done
+        if not sys.stderr.isatty():
+            tenth = done * 10 // total
+            if tenth > lines[0] or done == total:
+                lines[0] = tenth
+                typer.echo(f"pricing {month}: {done}/{total} accounts ({tenth * 10}%)", err=True)
+        else:
+            if not bars:
+                bar = typer.progressbar(length=total, label=f"pricing {month}", file=sys.stderr)
+                bars.append([bar.__enter__(), 0])
+            bar, shown = bars[0]
+            bar.update(done - shown)
+            bars[0][1] = done
+            if done == total:
+                bar.render_finish()
         if done == total:
-            bar.render_finish()
             typer.echo(f"writing {total} invoices", err=True)
 
     who = _guard(lambda: _by(by))

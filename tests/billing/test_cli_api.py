@@ -94,7 +94,8 @@ def test_close_shows_progress_then_export_opens_as_a_spreadsheet(closed: World, 
     done = run(env, "billing", "close", "--month", MONTH, "--by", "finance")
     assert done.returncode == 0, done.stderr
     assert "==> closing 2026-10" in done.stderr
-    assert "pricing 2026-10" in done.stderr  # the progress bar
+    # Not a terminal: a line per tenth of the accounts priced, not a bar.
+    assert "pricing 2026-10: 2/2 accounts (100%)" in done.stderr
     assert "writing 2 invoices" in done.stderr
     assert done.stdout.strip() == (
         "2026-10 closed: 2 invoice(s), 105.03 USD; 1 account(s) on no package, not billed"
