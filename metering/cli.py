@@ -767,10 +767,10 @@ def stats(
 
     def run() -> list[dict[str, Any]]:
         # Check every option before touching the database: a typo is named, not a query run.
-        first_ms, until_ms = _millis("--start", start), _millis("--end", end)
-        if first_ms is not None and until_ms is not None and first_ms >= until_ms:
-            raise MeteringError(f"--start ({start}) must be before --end ({end})")
-        first, until = rollups.parse_range(first_ms, until_ms, ("--start", "--end"))
+        first, until = rollups.parse_range(
+            _millis("--start", start), _millis("--end", end), ("--start", "--end"),
+            (str(start), str(end)),
+        )  # fmt: skip
         query = rollups.Query(
             APP if scope == "app" else ACCOUNT,
             entity,

@@ -351,15 +351,20 @@ def parse_millis(name: str, value: int | None, *, round_up: bool = False) -> int
 
 
 def parse_range(
-    start: int | None, end: int | None, names: tuple[str, str] = ("start", "end")
+    start: int | None,
+    end: int | None,
+    names: tuple[str, str] = ("start", "end"),
+    given: tuple[str, str] | None = None,
 ) -> tuple[int | None, int | None]:
     """A range ``[start, end)`` in milliseconds since the epoch, as whole seconds (rounded as
     ``parse_millis`` does). Its order is checked before the rounding: a start even a
-    millisecond after the end is refused, not rounded into a range of one second."""
+    millisecond after the end is refused, not rounded into a range of one second. ``given``:
+    the values as the user wrote them, named in that refusal."""
     lo = parse_millis(names[0], start)
     hi = parse_millis(names[1], end, round_up=True)
     if start is not None and end is not None and start >= end:
-        raise ValidationError(f"{names[0]} must be before {names[1]}")
+        a, b = names if given is None else (f"{names[0]} ({given[0]})", f"{names[1]} ({given[1]})")
+        raise ValidationError(f"{a} must be before {b}")
     return lo, hi
 
 
