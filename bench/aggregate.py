@@ -14,8 +14,8 @@ level):
 - steady, 10 % changed: 10 % of the apps moved in each second;
 - cold: every app changed, run by a fresh Aggregator (it loads states, rows, marks from Postgres);
 - new minute: every app moved, and the 5 seconds cross a minute boundary (the minute rows that
-  closed go to usage_rollups, every entity's starts row is rewritten); once per minute
-  boundary, up to --repeat of them.
+  closed go to usage_rollups, every entity's minute row begins again in its state row); once
+  per minute boundary, up to --repeat of them.
 
 The world starts at the end of the minute before the measured one: the first tick, then every
 app up by 30 connections and down by 60 on one frontend (so the hour, day and month so far have
@@ -504,7 +504,7 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
     (bulk, "binary_copy", "binary COPY building (NumPy)"),
     *(
         (bulk, name, lambda _conn, table, *_rest, name=name: f"write {table}: {name} (Python)")
-        for name in ("replace_array", "upsert_array")
+        for name in ("replace_packed", "upsert_array")
     ),
     (bulk, "upsert", lambda _conn, table, *_rest: f"executemany upsert into {table}"),
     (psycopg.Copy, "write", "COPY data sent (psycopg)"),

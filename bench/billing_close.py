@@ -3,9 +3,9 @@
 A scratch database built by the migrations holds --accounts accounts, each with --apps apps,
 on three priced packages (a tenth of the accounts changed package within the month), and
 October 2026's rollups as the aggregator leaves them: per account and per app a month row and a
-state row, per account an hour row holding its channel peak; the aggregation watermark is past
-the month's end. They are written by COPY, not by running the aggregator (which
-bench/aggregate.py measures).
+state row (``usage_state.packed``: the state's fields, no minute row, no starts), per account an
+hour row holding its channel peak; the aggregation watermark is past the month's end. They are
+written by COPY, not by running the aggregator (which bench/aggregate.py measures).
 
 Measured: ``metering billing close --month 2026-10`` run as an operator runs it, a process of
 its own (its start-up included), timed from outside; peak memory is that process's maximum
@@ -13,8 +13,9 @@ resident set (``getrusage(RUSAGE_CHILDREN)``). Then the same command again, whic
 month closed.
 
 Baseline, in the same run and database: raw psycopg reading the same rollup and state rows
-(``fetchall``) and COPYing as many invoice rows and invoice-line rows (same columns, text
-format built by f-strings) into temporary tables, committed: the least a close must move.
+(``fetchall``, the states' packed values decoded) and COPYing as many invoice rows and
+invoice-line rows (same columns, text format built by f-strings) into temporary tables,
+committed: the least a close must move.
 
     python bench/billing_close.py [--accounts 100000 --apps 2]
 """
@@ -39,6 +40,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from bench._common import exit_on_sigterm, row, scratch_engine
 from metering.rollups.models import COUNTERS
+from metering.rollups.state import pack, unpack
 from tests import processes
 
 TARGET_SECONDS = 30.0
@@ -59,9 +61,9 @@ ROLLUP_COLUMNS = (
     "ch_area0", *(f"{c}0" for c in COUNTERS), "peak", "peak_at", "min", "ws_peak", "ch_peak",
     "ch_min",
 )  # fmt: skip
-STATE_COLUMNS = (
-    "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS,
-)  # fmt: skip
+# usage_state: each entity's fields packed in one value (metering.rollups.state).
+STATE_COLUMNS = ("scope", "entity_id", "packed")
+STATE_TYPES = ("int2", "int8", "bytea")
 
 
 def progress(text: str) -> None:
@@ -72,9 +74,19 @@ def libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def copy(conn: psycopg.Connection[Any], table: str, columns: tuple[str, ...], rows: Any) -> int:
+def copy(
+    conn: psycopg.Connection[Any],
+    table: str,
+    columns: tuple[str, ...],
+    rows: Any,
+    types: tuple[str, ...] | None = None,
+) -> int:
+    """COPY ``rows`` into ``table``: in text, or with ``types`` (one per column) in binary."""
     n = 0
-    with conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as cp:
+    binary = " (FORMAT BINARY)" if types else ""
+    with conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN{binary}") as cp:
+        if types:
+            cp.set_types(list(types))
         for r in rows:
             cp.write_row(r)
             n += 1
@@ -119,7 +131,7 @@ def populate(dsn: str, accounts: int, apps: int, rng: random.Random) -> None:
         progress(f"{accounts} accounts, {len(owner)} apps, {len(changes)} package changes")
 
         rollups: list[tuple[int, ...]] = []
-        states: list[tuple[int, ...]] = []
+        states: list[tuple[int, int, bytes]] = []
         zeros = (0,) * len(COUNTERS)
 
         def entity(scope: int, entity_id: int, scale: int) -> None:
@@ -135,15 +147,19 @@ def populate(dsn: str, accounts: int, apps: int, rng: random.Random) -> None:
                 rollups.append((scope, entity_id, 2, hour, 1, 1, 1, 0, 0, *zeros,
                                 peak // 2, hour, 0, peak // 2, ch, 1))  # fmt: skip
             now = peak // 2
-            states.append((scope, entity_id, now, now, ch // 2, END - 600, peak * 1000,
-                           ch * 1000, *totals))  # fmt: skip
+            fields: dict[str, int | None] = {
+                "conns": now, "ws": now, "channels": ch // 2, "since": END - 600,
+                "area": peak * 1000, "ch_area": ch * 1000,
+                **dict(zip(COUNTERS, totals, strict=True)),
+            }  # fmt: skip
+            states.append((scope, entity_id, pack(fields)))  # no minute row, no starts: -1
 
         for a in account_ids:
             entity(2, a, apps)
         for app in owner:
             entity(1, app, 1)
         copy(conn, "usage_rollups", ROLLUP_COLUMNS, rollups)
-        copy(conn, "usage_state", STATE_COLUMNS, states)
+        copy(conn, "usage_state", STATE_COLUMNS, states, STATE_TYPES)
         conn.execute(
             "UPDATE usage_cursor SET second = %s, first_second = %s WHERE id = 1",
             (END + 30, START - 86400),
@@ -162,7 +178,10 @@ def baseline(dsn: str, accounts: int) -> float:
                 "SELECT * FROM usage_rollups WHERE scope = %s AND unit = 4 AND period_start = %s",
                 (scope, START),
             ).fetchall()
-            conn.execute("SELECT * FROM usage_state WHERE scope = %s", (scope,)).fetchall()
+            found = conn.execute(
+                "SELECT scope, entity_id, packed FROM usage_state WHERE scope = %s", (scope,)
+            ).fetchall()
+            unpack([packed for _scope, _entity, packed in found])
         conn.execute("CREATE TEMP TABLE i (LIKE invoices)")
         conn.execute("CREATE TEMP TABLE l (LIKE invoice_lines)")
         issued = datetime.now(UTC).isoformat()

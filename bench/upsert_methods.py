@@ -1,12 +1,27 @@
 """Bulk writes of the aggregator's state rows into Postgres, five ways: which is fastest.
 
 The design says "bulk upserts: multi-row VALUES, unnest, or COPY into a staging table: measure
-and pick". This measures them on the table the aggregator rewrites every cycle, ``usage_state``
-(the columns of ``STATE_COLUMNS``, keyed by (scope, entity_id), fillfactor 70).
+and pick". The aggregator rewrites every busy entity's ``usage_state`` row every cycle. Since
+migration 0012 that row is ``(scope, entity_id, packed)``: the 39 values of
+``metering.rollups.state.FIELDS`` (the state, the latest minute row whole, the latest hour, day
+and month rows' starts) in one ``bytea``, each a big-endian int64 (312 bytes). It was 23
+columns (the keys, the state, the minute row's extremes), with the rest in ``usage_starts``,
+rewritten at every minute in a second UPDATE. Packed, because on Postgres an UPDATE costs per
+column written, whether it changed or not: measured elsewhere on 120 000 rows, 21 bigint
+columns took 450 ms and 42 took 700 ms, one ``bytea`` of 21 values 300 ms and of 42 values
+375 ms.
 
-Per size N (--rows), in one scratch database built by the migrations, ``usage_state`` first
-holds N entities (entity ids 1..N, every 6th of scope 2, the others of scope 1; plausible values
-in every column, no NULL). Then each method writes, committed:
+So this measures the four ways of writing the column-shaped table, and the production write of
+the packed one, on the same entities. In one scratch database built by the migrations:
+
+- ``bench_state_columns``, which the benchmark creates: ``usage_state``'s columns before
+  migration 0012 (``COLUMNS``: scope smallint, entity_id and the 21 values bigint, NOT NULL),
+  primary key (scope, entity_id), fillfactor 45, as that table was;
+- ``usage_state`` as the migrations leave it (fillfactor 45).
+
+Per size N (--rows), each first holds N entities (entity ids 1..N, every 6th of scope 2, the
+others of scope 1; plausible values in every field, no NULL; in ``usage_state`` every one of
+the 39 fields, the minute row and the starts included). Then each method writes, committed:
 
 - steady: N changed rows, every one already there (what a steady cycle does);
 - 10% new: N rows, 90 % of them entities already there (picked at random), 10 % new ones.
@@ -15,29 +30,34 @@ The methods, each timed from the NumPy matrix in hand to after the commit:
 
 1. baseline: psycopg's COPY in text (``copy.write_row``) into a temporary staging table, then
    one ``INSERT ... SELECT ... ON CONFLICT (scope, entity_id) DO UPDATE SET c = excluded.c``
-   (what bench/aggregate.py calls its baseline);
+   (what bench/aggregate.py calls its baseline), into ``bench_state_columns``;
 2. VALUES: multi-row ``INSERT ... VALUES (...), (...) ON CONFLICT DO UPDATE``, --batch rows per
    statement, the values as psycopg parameters. The SQL is built once per batch size with
    ``$n`` placeholders and sent as it is by a ``RawCursor`` (psycopg's default cursor parses
    the ``%s`` of a query that long again on every execute, in Python: it caches only short
-   ones), every int sent as a bigint (see ``int8``);
+   ones), every int sent as a bigint (see ``int8``); into ``bench_state_columns``;
 3. unnest: ``INSERT ... SELECT * FROM unnest(%b::bigint[], ...) ON CONFLICT DO UPDATE``, one
    Python list per column (converting the NumPy columns is timed: it is the method's cost),
-   sent in binary (``%b``; ``%s`` sends these arrays as text, which is slower to build);
-4. bulk.upsert_array: the production code (COPY in binary, built by NumPy, into a staging
-   table, then ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``) on a SQLAlchemy connection;
-5. bulk.replace_array: the production code the aggregator writes ``usage_state`` with (the same
-   COPY, then ``UPDATE ... FROM`` the staging table; an INSERT of the missing rows only when
-   the UPDATE matched fewer than it was given).
+   sent in binary (``%b``; ``%s`` sends these arrays as text, which is slower to build); into
+   ``bench_state_columns``;
+4. bulk.upsert_array: the production code for the rollup rows (COPY in binary, built by NumPy,
+   into a staging table, then ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``) on a SQLAlchemy
+   connection, into ``bench_state_columns``;
+5. bulk.replace_packed: the production code the aggregator writes ``usage_state`` with (a
+   binary COPY of (scope, entity_id, packed), built by NumPy, into a staging table, then
+   ``UPDATE ... FROM`` it; an INSERT of the missing rows only when the UPDATE matched fewer
+   than it was given). It writes the same entities with the same state values, and 18 values
+   more each (the minute row's start values and the starts that were in ``usage_starts``).
 
-Before each write the table is put back as it was: a CHECKPOINT (so that none falls inside the
-measured write, and every method pays the same full-page images in the WAL for the pages it
-first touches after one), TRUNCATE, the N rows again, VACUUM ANALYZE. After it, the whole
-table is read back and compared with what the rows written say it must hold: a method that left
-anything else stops the benchmark (exit status 1) before any time is reported. The methods run
-in a different order in each repeat, with the garbage collector off while one is timed (the
-aggregator's cycle runs so). Time: the median of --repeat; speed: the baseline's time over the
-method's.
+Before each write both tables are put back as they were: a CHECKPOINT (so that none falls
+inside the measured write, and every method pays the same full-page images in the WAL for the
+pages it first touches after one), TRUNCATE, the N rows again, VACUUM ANALYZE. After it, the
+whole table written is read back (``bench_state_columns`` by a binary COPY, ``usage_state`` by
+``bulk.select_packed``) and compared with what the rows written say it must hold: a method that
+left anything else stops the benchmark (exit status 1) before any time is reported. The
+methods run in a different order in each repeat, with the garbage collector off while one is
+timed (the aggregator's cycle runs so). Time: the median of --repeat; speed: the baseline's
+time over the method's.
 
     python bench/upsert_methods.py [--rows 100000] [--repeat 3] [--batch 1000]
 """
@@ -52,7 +72,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -66,19 +86,30 @@ from bench._common import exit_on_sigterm, row
 from metering.core.database import make_engine
 from metering.rollups import bulk
 from metering.rollups.models import COUNTERS
-from metering.rollups.service import STATE_COLUMNS
+from metering.rollups.state import FIELDS, WIDTH
 from tests.scratch import scratch_database
 
 Ints = npt.NDArray[np.int64]
 Write = Callable[[Ints], None]
 
-TABLE = "usage_state"
+PACKED_TABLE = "usage_state"  # (scope, entity_id, packed): the production table
+COLUMNS_TABLE = "bench_state_columns"
 KEYS = ("scope", "entity_id")
-VALUE_COLUMNS = tuple(c for c in STATE_COLUMNS if c not in KEYS)
-COLS = ", ".join(STATE_COLUMNS)
+# usage_state's columns before migration 0012: the state, then its latest minute row's extremes.
+COLUMNS = (
+    *KEYS, "conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS,
+    "minute_peak", "minute_peak_at", "minute_min", "minute_ws_peak", "minute_ch_peak",
+    "minute_ch_min",
+)  # fmt: skip
+VALUE_COLUMNS = COLUMNS[len(KEYS) :]
+COLS = ", ".join(COLUMNS)
 ON_CONFLICT = f"ON CONFLICT ({', '.join(KEYS)}) DO UPDATE SET " + ", ".join(
     f"{c} = excluded.{c}" for c in VALUE_COLUMNS
 )
+# The rows generated: the keys, then the packed fields; the column layout is a part of them.
+ALL = (*KEYS, *FIELDS)
+AT_COLUMNS = [ALL.index(c) for c in COLUMNS]
+LAYOUTS = ("columns", "packed")
 NEW_SHARE = 0.1
 CASES = ("steady", "10% new")
 NOW = int(datetime(2026, 11, 16, 12, 30, 30, tzinfo=UTC).timestamp())
@@ -94,11 +125,17 @@ class Mismatch(Exception):
     pass
 
 
+class Method(NamedTuple):
+    layout: str  # which table it writes: "columns" (bench_state_columns) or "packed"
+    write: Write  # the rows in that layout's shape (``shaped``)
+
+
 # -- the rows --------------------------------------------------------------------------------
 
 
 def states(entity: Ints, rng: np.random.Generator, now: int) -> Ints:
-    """A plausible state row per entity, in ``STATE_COLUMNS`` order, every column filled."""
+    """A plausible row per entity, in ``ALL`` order (the keys, then every packed field: the
+    state, the latest minute row, the latest hour, day and month rows' starts), all filled."""
     n = len(entity)
 
     def r(low: int, high: int | Ints) -> Ints:
@@ -149,9 +186,14 @@ def states(entity: Ints, rng: np.random.Generator, now: int) -> Ints:
         "minute_ch_min": np.maximum(channels - r(0, 3), 0),
     }
     assert set(COUNTERS) == set(counters), "a counter this benchmark does not fill"
-    # A column added since this was written: some value, never NULL.
-    columns = [values[c] if c in values else r(0, 1000) for c in STATE_COLUMNS]
-    return np.column_stack([np.broadcast_to(c, n) for c in columns]).astype(np.int64)
+    missing = set(ALL) - set(values)
+    assert not missing, f"fields this benchmark does not fill: {sorted(missing)}"
+    return np.column_stack([np.broadcast_to(values[c], n) for c in ALL]).astype(np.int64)
+
+
+def shaped(layout: str, rows: Ints) -> Ints:
+    """``rows`` (``ALL`` order) as a method of ``layout`` takes them: ``COLUMNS``, or all."""
+    return np.ascontiguousarray(rows[:, AT_COLUMNS]) if layout == "columns" else rows
 
 
 def after(base: Ints, written: Ints) -> Ints:
@@ -172,8 +214,8 @@ def int8(cur: psycopg.RawCursor[Any] | psycopg.Cursor[Any]) -> None:
     cur.adapters.register_dumper(int, Int8BinaryDumper)
 
 
-def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[str, Write]:
-    conn.execute(f"CREATE TEMP TABLE bench_stage (LIKE {TABLE}) ON COMMIT DELETE ROWS")
+def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[str, Method]:
+    conn.execute(f"CREATE TEMP TABLE bench_stage (LIKE {COLUMNS_TABLE}) ON COMMIT DELETE ROWS")
     conn.commit()
 
     def copy_text(rows: Ints) -> None:
@@ -182,12 +224,12 @@ def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[s
                 for r in rows.tolist():
                     copy.write_row(r)
             cur.execute(
-                f"INSERT INTO {TABLE} ({COLS}) SELECT {COLS} FROM bench_stage {ON_CONFLICT}"
+                f"INSERT INTO {COLUMNS_TABLE} ({COLS}) SELECT {COLS} FROM bench_stage {ON_CONFLICT}"
             )
         conn.commit()
 
     statements: dict[int, str] = {}
-    n_cols = len(STATE_COLUMNS)
+    n_cols = len(COLUMNS)
 
     def values(rows: Ints) -> None:
         with psycopg.RawCursor(conn) as cur:
@@ -200,13 +242,18 @@ def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[s
                         "(" + ", ".join(f"${i * n_cols + j + 1}" for j in range(n_cols)) + ")"
                         for i in range(len(part))
                     )
-                    sql = f"INSERT INTO {TABLE} ({COLS}) VALUES {', '.join(tuples)} {ON_CONFLICT}"
+                    sql = (
+                        f"INSERT INTO {COLUMNS_TABLE} ({COLS}) VALUES {', '.join(tuples)} "
+                        f"{ON_CONFLICT}"
+                    )
                     statements[len(part)] = sql
                 cur.execute(sql, part.ravel().tolist())
         conn.commit()
 
     arrays = ", ".join(["%b::bigint[]"] * n_cols)
-    unnest_sql = f"INSERT INTO {TABLE} ({COLS}) SELECT * FROM unnest({arrays}) {ON_CONFLICT}"
+    unnest_sql = (
+        f"INSERT INTO {COLUMNS_TABLE} ({COLS}) SELECT * FROM unnest({arrays}) {ON_CONFLICT}"
+    )
 
     def unnest(rows: Ints) -> None:
         with conn.cursor() as cur:
@@ -218,64 +265,114 @@ def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[s
 
     def upsert_array(rows: Ints) -> None:
         with engine.begin() as sa:
-            bulk.upsert_array(sa, TABLE, columns=STATE_COLUMNS, keys=KEYS, rows=rows, merge=merge)
+            bulk.upsert_array(sa, COLUMNS_TABLE, columns=COLUMNS, keys=KEYS, rows=rows, merge=merge)
 
-    def replace_array(rows: Ints) -> None:
+    def replace_packed(rows: Ints) -> None:
         with engine.begin() as sa:
-            bulk.replace_array(sa, TABLE, columns=STATE_COLUMNS, keys=KEYS, rows=rows)
+            bulk.replace_packed(
+                sa, PACKED_TABLE, scope=rows[:, 0], entity=rows[:, 1], packed=rows[:, 2:]
+            )
 
     return {
-        "1 baseline: COPY text + merge": copy_text,
-        f"2 VALUES x{batch} + ON CONFLICT": values,
-        "3 unnest arrays + ON CONFLICT": unnest,
-        "4 bulk.upsert_array": upsert_array,
-        "5 bulk.replace_array": replace_array,
+        "1 baseline: COPY text + merge": Method("columns", copy_text),
+        f"2 VALUES x{batch} + ON CONFLICT": Method("columns", values),
+        "3 unnest arrays + ON CONFLICT": Method("columns", unnest),
+        "4 bulk.upsert_array": Method("columns", upsert_array),
+        "5 bulk.replace_packed": Method("packed", replace_packed),
     }
 
 
-# -- the table: back as it was, read back ----------------------------------------------------
+# -- the tables: back as they were, read back ------------------------------------------------
+
+
+def create_tables(ctl: psycopg.Connection[Any]) -> None:
+    """The column-shaped state table, and a copy of each table's initial rows."""
+    values = ", ".join(f"{c} bigint NOT NULL" for c in VALUE_COLUMNS)
+    ctl.execute(
+        f"CREATE TABLE {COLUMNS_TABLE} (scope smallint NOT NULL, entity_id bigint NOT NULL, "
+        f"{values}, PRIMARY KEY (scope, entity_id)) WITH (fillfactor = 45)"
+    )
+    ctl.execute(f"CREATE TABLE bench_base_columns (LIKE {COLUMNS_TABLE})")
+    ctl.execute(f"CREATE TABLE bench_base_packed (LIKE {PACKED_TABLE})")
+
+
+def fill_base(ctl: psycopg.Connection[Any], base: Ints) -> None:
+    """Each table's initial rows, by COPY (the packed values built here, not by the code
+    measured: the initial check then tests ``bulk.select_packed`` against them)."""
+    ctl.execute("TRUNCATE bench_base_columns, bench_base_packed")
+    with ctl.cursor() as cur, cur.copy(f"COPY bench_base_columns ({COLS}) FROM STDIN") as copy:
+        for r in shaped("columns", base).tolist():
+            copy.write_row(r)
+    blobs = np.ascontiguousarray(base[:, 2:], dtype=">i8")
+    sql = "COPY bench_base_packed (scope, entity_id, packed) FROM STDIN (FORMAT BINARY)"
+    with ctl.cursor() as cur, cur.copy(sql) as copy:
+        copy.set_types(["int2", "int8", "bytea"])
+        for (scope, entity), blob in zip(base[:, :2].tolist(), blobs, strict=True):
+            copy.write_row((scope, entity, blob.tobytes()))
 
 
 def reset(ctl: psycopg.Connection[Any], checkpoint: bool) -> None:
     if checkpoint:
         ctl.execute("CHECKPOINT")
-    ctl.execute(f"TRUNCATE {TABLE}")
-    ctl.execute(f"INSERT INTO {TABLE} SELECT * FROM bench_base")
-    ctl.execute(f"VACUUM (ANALYZE) {TABLE}")
+    ctl.execute(f"TRUNCATE {COLUMNS_TABLE}, {PACKED_TABLE}")
+    ctl.execute(f"INSERT INTO {COLUMNS_TABLE} SELECT * FROM bench_base_columns")
+    ctl.execute(f"INSERT INTO {PACKED_TABLE} SELECT * FROM bench_base_packed")
+    ctl.execute(f"VACUUM (ANALYZE) {COLUMNS_TABLE}, {PACKED_TABLE}")
 
 
-def contents(ctl: psycopg.Connection[Any]) -> Ints:
-    """The whole table ordered by key, every column as a bigint, by a binary COPY (a NULL, a
-    field of another width, or a column too many or too few makes it a Mismatch)."""
-    select = ", ".join(f"{c}::bigint" for c in STATE_COLUMNS)
-    sql = f"COPY (SELECT {select} FROM {TABLE} ORDER BY scope, entity_id) TO STDOUT (FORMAT BINARY)"
+def column_contents(ctl: psycopg.Connection[Any]) -> Ints:
+    """``bench_state_columns`` ordered by key, every column as a bigint, by a binary COPY (a
+    NULL, a field of another width, or a column too many or too few makes it a Mismatch)."""
+    select = ", ".join(f"{c}::bigint" for c in COLUMNS)
+    sql = (
+        f"COPY (SELECT {select} FROM {COLUMNS_TABLE} ORDER BY scope, entity_id) "
+        "TO STDOUT (FORMAT BINARY)"
+    )
     data = bytearray()
     with ctl.cursor() as cur, cur.copy(sql) as copy:
         for block in copy:
             data += block
-    n = len(STATE_COLUMNS)
+    n = len(COLUMNS)
     record = np.dtype([("n", ">i2"), ("f", [("l", ">i4"), ("v", ">i8")], (n,))])
     start = len(SIGNATURE) + 8 + struct.unpack_from(">i", data, len(SIGNATURE) + 4)[0]
     body = len(data) - start - 2
     if not data.startswith(SIGNATURE) or data[-2:] != b"\xff\xff" or body % record.itemsize:
-        raise Mismatch("usage_state read back is not all non-NULL bigints (a NULL?)")
+        raise Mismatch(f"{COLUMNS_TABLE} read back is not all non-NULL bigints (a NULL?)")
     got = np.frombuffer(data, dtype=record, count=body // record.itemsize, offset=start)
     if (got["n"] != n).any() or (got["f"]["l"] != 8).any():
-        raise Mismatch("usage_state read back is not all non-NULL bigints (a NULL?)")
+        raise Mismatch(f"{COLUMNS_TABLE} read back is not all non-NULL bigints (a NULL?)")
     return got["f"]["v"].astype(np.int64)
 
 
-def check(ctl: psycopg.Connection[Any], want: Ints) -> None:
-    got = contents(ctl)
+def packed_contents(engine: Engine) -> Ints:
+    """``usage_state`` ordered by key as the aggregator reads it (``bulk.select_packed``): the
+    keys and the unpacked fields, ``ALL`` order (a NULL or a value of another width makes it
+    a Mismatch)."""
+    sql = f"SELECT scope, entity_id, packed FROM {PACKED_TABLE} ORDER BY scope, entity_id"
+    with engine.connect() as sa:
+        try:
+            scope, entity, packed = bulk.select_packed(sa, sql, len(FIELDS))
+        except ValueError as e:
+            raise Mismatch(f"{PACKED_TABLE} read back: {e}") from None
+    return np.column_stack([scope, entity, packed]).astype(np.int64)
+
+
+def check(ctl: psycopg.Connection[Any], engine: Engine, layout: str, want: Ints) -> None:
+    """The table ``layout`` names holds ``want`` (``ALL`` order, ordered by key), or Mismatch."""
+    names: tuple[str, ...]
+    if layout == "columns":
+        table, names, got, want = COLUMNS_TABLE, COLUMNS, column_contents(ctl), shaped(layout, want)
+    else:
+        table, names, got = PACKED_TABLE, ALL, packed_contents(engine)
     if got.shape != want.shape:
-        raise Mismatch(f"usage_state holds {len(got)} rows, {len(want)} expected")
+        raise Mismatch(f"{table} holds {len(got)} rows, {len(want)} expected")
     bad = np.nonzero((got != want).any(axis=1))[0]
     if len(bad):
         i = bad[0]
-        cols = ", ".join(STATE_COLUMNS[j] for j in np.nonzero(got[i] != want[i])[0])
+        cols = ", ".join(names[j] for j in np.nonzero(got[i] != want[i])[0])
         raise Mismatch(
-            f"{len(bad)} of {len(want)} rows differ from what was written, the first "
-            f"(scope {want[i, 0]}, entity_id {want[i, 1]}) in {cols}"
+            f"{len(bad)} of {len(want)} rows of {table} differ from what was written, the "
+            f"first (scope {want[i, 0]}, entity_id {want[i, 1]}) in {cols}"
         )
 
 
@@ -284,7 +381,8 @@ def check(ctl: psycopg.Connection[Any], want: Ints) -> None:
 
 def measure(
     ctl: psycopg.Connection[Any],
-    methods: dict[str, Write],
+    engine: Engine,
+    methods: dict[str, Method],
     *,
     n: int,
     repeat: int,
@@ -295,18 +393,16 @@ def measure(
     rng = np.random.default_rng(n)
     entity = np.arange(1, n + 1, dtype=np.int64)
     base = states(entity, rng, NOW)
-    progress(f"[{n} rows] filling usage_state with {n} entities")
-    ctl.execute("TRUNCATE bench_base")
-    with ctl.cursor() as cur, cur.copy(f"COPY bench_base ({COLS}) FROM STDIN") as copy:
-        for r in base.tolist():
-            copy.write_row(r)
+    progress(f"[{n} rows] filling {COLUMNS_TABLE} and {PACKED_TABLE} with {n} entities each")
+    fill_base(ctl, base)
     reset(ctl, checkpoint)
     try:
-        check(ctl, after(base, base))
+        for layout in LAYOUTS:
+            check(ctl, engine, layout, after(base, base))
     except Mismatch as e:
         raise SystemExit(f"upsert_methods: the initial fill is wrong: {e}") from None
-    for write in methods.values():  # warm-up: staging tables, connections, the VALUES SQL
-        write(base[: min(n, batch)])
+    for method in methods.values():  # warm-up: staging tables, connections, the VALUES SQL
+        method.write(shaped(method.layout, base[: min(n, batch)]))
 
     names = list(methods)
     times: dict[str, dict[str, list[float]]] = {c: {m: [] for m in names} for c in CASES}
@@ -320,20 +416,24 @@ def measure(
                 keys = np.concatenate([there, np.arange(n + 1, n + n_new + 1, dtype=np.int64)])
             written = states(keys, rng, NOW + 5 * (k + 1))
             want = after(base, written)
-            progress(f"[{n} rows] {case} {k + 1}/{repeat}: writing {len(written)} rows 5 ways")
+            rows = {layout: shaped(layout, written) for layout in LAYOUTS}
+            progress(
+                f"[{n} rows] {case} {k + 1}/{repeat}: writing {len(written)} rows {len(names)} ways"
+            )
             done = []
             for name in names[k % len(names) :] + names[: k % len(names)]:
+                method = methods[name]
                 reset(ctl, checkpoint)
                 gc.collect()
                 gc.disable()
                 started = time.perf_counter()
                 try:
-                    methods[name](written)
+                    method.write(rows[method.layout])
                 finally:
                     elapsed = time.perf_counter() - started
                     gc.enable()
                 try:
-                    check(ctl, want)
+                    check(ctl, engine, method.layout, want)
                 except Mismatch as e:
                     raise SystemExit(
                         f"upsert_methods: {name} ({case}, {n} rows, repeat {k + 1}) wrote the "
@@ -399,19 +499,37 @@ def main() -> None:
                 ).fetchone()
                 assert settings is not None
                 version, shared_buffers, sync, checkpoint = settings
+                create_tables(ctl)
+                fill: dict[str, str | None] = dict(
+                    ctl.execute(
+                        "SELECT relname, array_to_string(reloptions, ', ') FROM pg_class "
+                        "WHERE relname = ANY(%s)",
+                        ([COLUMNS_TABLE, PACKED_TABLE],),
+                    ).fetchall()
+                )
                 print(
-                    f"bulk writes of usage_state rows ({len(STATE_COLUMNS)} columns, keyed by "
-                    "scope, entity_id), committed, 5 ways"
+                    "bulk writes of the aggregator's state rows (keyed by scope, entity_id), "
+                    "committed, 5 ways:"
+                )
+                print(
+                    f"1-4 into {COLUMNS_TABLE}: the keys and {len(VALUE_COLUMNS)} bigint columns "
+                    "(usage_state's before migration 0012), "
+                    f"{fill.get(COLUMNS_TABLE) or 'default fillfactor'}"
+                )
+                print(
+                    f"5 into {PACKED_TABLE}: packed, one bytea of {len(FIELDS)} int64 ({WIDTH} "
+                    f"bytes; the same entities and values, and the minute row and starts), "
+                    f"{fill.get(PACKED_TABLE) or 'default fillfactor'}"
                 )
                 print(
                     f"Postgres {version}: shared_buffers {shared_buffers}, synchronous_commit "
                     f"{sync}; CHECKPOINT before each write: {'yes' if checkpoint else 'no'}"
                 )
-                ctl.execute(f"CREATE TABLE bench_base (LIKE {TABLE})")
                 methods = writers(conn, engine, args.batch)
                 for n in args.rows:
                     figures[n] = measure(
                         ctl,
+                        engine,
                         methods,
                         n=n,
                         repeat=args.repeat,

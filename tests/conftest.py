@@ -20,7 +20,7 @@ from tests.scratch import REDIS_URL, delete_keys, reset_caches, scratch_database
 
 TABLES = (
     "api_keys", "apps", "accounts", "package_limits", "packages", "package_changes",
-    "usage_state", "usage_starts", "usage_rollups", "usage_gaps", "usage_marks",
+    "usage_state", "usage_rollups", "usage_gaps", "usage_marks",
     "limit_alerts", "alert_deliveries", "alert_delivery_attempts", "account_overrides",
     "account_admission", "package_pricing", "package_prices", "billing_months", "invoices",
     "invoice_lines",

@@ -32,6 +32,8 @@ from metering.core.logging import get_logger
 
 log = get_logger(__name__)
 
+Ints = npt.NDArray[np.int64]
+
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # header: no flags, no extension
 _TRAILER = struct.pack(">h", -1)
 
@@ -82,10 +84,7 @@ def binary_copy(rows: npt.NDArray[np.int64], widths: Sequence[int] | None = None
         if w != 8 and n_rows and not (-limit <= rows[:, i].min() <= rows[:, i].max() < limit):
             raise ValueError(f"column {i} has a value outside {w}-byte integers")
     record = _binary_dtype(typed) if typed else np.dtype([("n", ">i2"), ("f", _BIGINT_FIELD, (n,))])
-    buf = bytearray(len(_SIGNATURE) + n_rows * record.itemsize + len(_TRAILER))
-    buf[: len(_SIGNATURE)] = _SIGNATURE
-    buf[len(buf) - len(_TRAILER) :] = _TRAILER
-    out = np.frombuffer(buf, dtype=record, count=n_rows, offset=len(_SIGNATURE))
+    buf, out = _copy_buffer(record, n_rows)
     out["n"] = n
     for i, w in enumerate(typed):
         out[f"l{i}"] = w
@@ -97,6 +96,15 @@ def binary_copy(rows: npt.NDArray[np.int64], widths: Sequence[int] | None = None
 
 
 _BIGINT_FIELD = np.dtype([("l", ">i4"), ("v", ">i8")])
+
+
+def _copy_buffer(record: np.dtype[Any], n: int) -> tuple[bytearray, npt.NDArray[Any]]:
+    """A binary COPY of ``n`` records, header and trailer in place, and the records as a
+    NumPy array over it to fill in (the buffer is what is sent: no concatenation)."""
+    buf = bytearray(len(_SIGNATURE) + n * record.itemsize + len(_TRAILER))
+    buf[: len(_SIGNATURE)] = _SIGNATURE
+    buf[len(buf) - len(_TRAILER) :] = _TRAILER
+    return buf, np.frombuffer(buf, dtype=record, count=n, offset=len(_SIGNATURE))
 
 
 def parse_binary_copy(data: bytes, widths: Sequence[int]) -> npt.NDArray[np.int64]:
@@ -125,6 +133,37 @@ def select_array(
     if not data:
         return np.zeros((0, len(columns)), dtype=np.int64)
     return parse_binary_copy(bytes(data), _widths(table, columns))
+
+
+def select_matching(
+    conn: Connection,
+    table: str,
+    *,
+    columns: Sequence[str],
+    keys: Sequence[str],
+    wanted: npt.NDArray[np.int64],
+) -> npt.NDArray[np.int64]:
+    """The ``columns`` of ``table``'s rows whose ``keys`` are a row of ``wanted``: the keys
+    travel into a temporary table (by binary COPY on Postgres), and one join reads the rows."""
+    if not len(wanted):
+        return np.zeros((0, len(columns)), dtype=np.int64)
+    match = " AND ".join(f"r.{k} = w.{k}" for k in keys)
+    cols = ", ".join("r." + c for c in columns)
+    select = f"SELECT {cols} FROM {table} r JOIN {{w}} w ON {match}"  # noqa: S608 (our names)
+    if conn.dialect.name == "postgresql":
+        with _staged(conn, table, keys, wanted, kind="keys") as (_cur, stage):
+            return select_array(conn, select.format(w=stage), table, columns)
+    stage = f"_wanted_{table}"
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({', '.join(k + ' bigint' for k in keys)})"
+    )
+    conn.exec_driver_sql(f"DELETE FROM {stage}")  # noqa: S608 (our own names)
+    params = ", ".join(f":{k}" for k in keys)
+    conn.execute(
+        text(f"INSERT INTO {stage} ({', '.join(keys)}) VALUES ({params})"),  # noqa: S608
+        [dict(zip(keys, row, strict=True)) for row in wanted.tolist()],
+    )
+    return select_array(conn, select.format(w=stage), table, columns)
 
 
 def upsert_array(
@@ -166,76 +205,152 @@ def upsert_array(
     return len(rows)
 
 
-def replace_array(
-    conn: Connection,
-    table: str,
-    *,
-    columns: Sequence[str],
-    keys: Sequence[str],
-    rows: npt.NDArray[np.int64],
-) -> int:
-    """Write an integer matrix (``columns`` order, no NULLs) as the records now are: every
-    column but the ``keys`` overwritten, records not there yet inserted.
+def _packed_dtype(width: int) -> np.dtype[Any]:
+    """A binary COPY record of (scope smallint, entity_id bigint, packed bytea of ``width``
+    big-endian int64)."""
+    return np.dtype(
+        [("n", ">i2"), ("l0", ">i4"), ("scope", ">i2"), ("l1", ">i4"), ("entity", ">i8"),
+         ("l2", ">i4"), ("packed", ">i8", (width,))]
+    )  # fmt: skip
 
-    For records that are nearly all there already (the aggregator's states): on Postgres an
-    ``UPDATE ... FROM`` the staging table, which joins it once, costs about 70 % of an
-    ``INSERT ... ON CONFLICT DO UPDATE`` (an index probe and a speculative insertion per
-    row). Only when it updated fewer records than it was given are the missing ones inserted.
-    """
-    if not len(rows):
+
+def replace_packed(
+    conn: Connection, table: str, *, scope: Ints, entity: Ints, packed: npt.NDArray[Any]
+) -> int:
+    """Write records keyed by (scope, entity_id) as they now are: their one other column,
+    ``packed``, set to a row of ``packed`` (int64 values) as big-endian bytes; records not
+    there yet inserted (``usage_state``, ``metering.rollups.state``).
+
+    For records that are nearly all there already: on Postgres the rows travel by binary COPY
+    into a staging table, built by NumPy in one piece, then one ``UPDATE ... FROM`` it, which
+    joins it once, and costs less than an ``INSERT ... ON CONFLICT DO UPDATE`` (an index
+    probe and a speculative insertion per row; ``bench/upsert_methods.py``). Only when it
+    updated fewer records than it was given are the missing ones inserted."""
+    n = len(packed)
+    if not n:
         return 0
-    values = [c for c in columns if c not in keys]
     if conn.dialect.name != "postgresql":
-        overwrite = {c: f"excluded.{c}" for c in values}
-        return upsert(conn, table, columns=columns, keys=keys, rows=rows.tolist(), merge=overwrite)
-    match = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-    with _staged(conn, table, columns, rows) as (cur, stage):
+        blobs = np.ascontiguousarray(packed, dtype=">i8")
+        params = [
+            {"scope": int(s), "entity_id": int(e), "packed": blobs[i].tobytes()}
+            for i, (s, e) in enumerate(zip(scope.tolist(), entity.tolist(), strict=True))
+        ]
+        conn.execute(
+            text(
+                f"INSERT INTO {table} (scope, entity_id, packed) "  # noqa: S608
+                "VALUES (:scope, :entity_id, :packed) "
+                "ON CONFLICT (scope, entity_id) DO UPDATE SET packed = excluded.packed"
+            ),
+            params,
+        )
+        return n
+    width = packed.shape[1]
+    buf, out = _copy_buffer(_packed_dtype(width), n)
+    out["n"], out["l0"], out["l1"], out["l2"] = 3, 2, 8, 8 * width
+    out["scope"] = scope
+    out["entity"] = entity
+    out["packed"] = packed
+    stage = f"_stage_{table}_packed"
+    definition = "scope smallint, entity_id bigint, packed bytea"
+    columns = ("scope", "entity_id", "packed")
+    with _copied(conn, stage, definition, columns, buf) as cur:
         # The join hashes the staged rows: in memory in one batch, not spilled in several
         # to temporary files (at 100 000 states with the default 4 MB, 8 batches, and the
         # UPDATE took 15 % longer). For the rest of this transaction only.
-        cur.execute(f"SET LOCAL work_mem = '{_hash_memory_kb(rows)}kB'")
-        # Identifiers come from the code, never from input; values travel by COPY.
-        cur.execute(
-            f"UPDATE {table} t SET {', '.join(f'{c} = s.{c}' for c in values)} "  # noqa: S608
-            f"FROM {stage} s WHERE {match}"
-        )
-        if cur.rowcount < len(rows):
-            cols = ", ".join(columns)
+        cur.execute(f"SET LOCAL work_mem = '{_hash_memory_kb(n, width + 2)}kB'")
+        match = "t.scope = s.scope AND t.entity_id = s.entity_id"
+        cur.execute(f"UPDATE {table} t SET packed = s.packed FROM {stage} s WHERE {match}")  # noqa: S608
+        if cur.rowcount < n:
             cur.execute(
-                f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage} s "  # noqa: S608
+                f"INSERT INTO {table} (scope, entity_id, packed) "  # noqa: S608
+                f"SELECT scope, entity_id, packed FROM {stage} s "
                 f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match}) "
-                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
-                + ", ".join(f"{c} = excluded.{c}" for c in values)
+                "ON CONFLICT (scope, entity_id) DO UPDATE SET packed = excluded.packed"
             )
-    return len(rows)
+    return n
 
 
-def _hash_memory_kb(rows: npt.NDArray[np.int64]) -> int:
-    """Room for a hash table of ``rows`` (a tuple's header, 8 bytes a value, the bucket):
-    at least Postgres's default 4 MB, at most 256 MB."""
-    needed = len(rows) * (rows.shape[1] * 8 + 64) * 3 // 2 // 1024
+def select_packed(
+    conn: Connection, sql: str, width: int
+) -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
+    """The (scope smallint, entity_id bigint, packed) rows of ``sql``: scopes, entity ids,
+    and the packed values as an int64 matrix of ``width`` columns (a binary COPY on
+    Postgres). A row of another shape is an error, never misread."""
+    if conn.dialect.name != "postgresql":
+        found = conn.exec_driver_sql(sql).all()
+        blobs = [bytes(r[2]) for r in found]
+        if any(len(b) != 8 * width for b in blobs):
+            raise ValueError(_WIDTH_ERROR.format(width=8 * width))
+        values = np.frombuffer(b"".join(blobs), dtype=">i8").reshape(len(found), width)
+        keys = np.array([(r[0], r[1]) for r in found], dtype=np.int64).reshape(len(found), 2)
+        return keys[:, 0], keys[:, 1], values.astype(np.int64)
+    raw: Any = conn.connection.driver_connection
+    data = bytearray()
+    with raw.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as copy:
+        for block in copy:
+            data += block
+    body = memoryview(data)[len(_SIGNATURE) : max(len(data) - len(_TRAILER), len(_SIGNATURE))]
+    record = _packed_dtype(width)
+    if len(body) % record.itemsize:
+        raise ValueError(_WIDTH_ERROR.format(width=8 * width))
+    parsed = np.frombuffer(body, dtype=record)
+    shape = (parsed["n"] != 3) | (parsed["l0"] != 2) | (parsed["l1"] != 8)
+    if shape.any() or (parsed["l2"] != 8 * width).any():
+        raise ValueError(_WIDTH_ERROR.format(width=8 * width))
+    return (
+        parsed["scope"].astype(np.int64),
+        parsed["entity"].astype(np.int64),
+        parsed["packed"].astype(np.int64),
+    )
+
+
+_WIDTH_ERROR = (
+    "usage_state rows are not {width} bytes: the database and the code are at different "
+    "migrations (run `metering db upgrade`)"
+)
+
+
+def _hash_memory_kb(rows: int, values: int) -> int:
+    """Room for a hash table of ``rows`` of ``values`` each (a tuple's header, 8 bytes a
+    value, the bucket): at least Postgres's default 4 MB, at most 256 MB."""
+    needed = rows * (values * 8 + 64) * 3 // 2 // 1024
     return int(min(max(needed, 4096), 256 * 1024))
 
 
 @contextmanager
 def _staged(
-    conn: Connection, table: str, columns: Sequence[str], rows: npt.NDArray[np.int64]
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: npt.NDArray[np.int64],
+    kind: str = "bigint",
 ) -> Iterator[tuple[Any, str]]:
-    """A raw cursor and the name of a temporary table holding ``rows``, sent by binary COPY.
+    """A raw cursor and the name of a temporary table holding ``rows``, sent by binary COPY
+    (one staging table per ``table`` and ``kind`` of use, for a transaction may use several).
 
     The staging table is all bigints (the values cast on the way into ``table``): every field
     of the COPY the same width, so NumPy builds it in one piece."""
-    stage = f"_stage_{table}_bigint"
+    stage = f"_stage_{table}_{kind}"
+    definition = ", ".join(c + " bigint" for c in columns)
+    with _copied(conn, stage, definition, columns, binary_copy(rows)) as cur:
+        yield cur, stage
+
+
+@contextmanager
+def _copied(
+    conn: Connection, stage: str, definition: str, columns: Sequence[str], data: bytearray
+) -> Iterator[Any]:
+    """A raw cursor, once ``data`` (a binary COPY of ``columns``) is in the temporary table
+    ``stage`` (made if need be, emptied first; its rows go at the commit)."""
     conn.exec_driver_sql(
-        f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({', '.join(c + ' bigint' for c in columns)}) "
-        "ON COMMIT DELETE ROWS"
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({definition}) ON COMMIT DELETE ROWS"
     )
     raw: Any = conn.connection.driver_connection
     with raw.cursor() as cur:
         cur.execute(f"TRUNCATE {stage}")
         with cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.write(binary_copy(rows))
-        yield cur, stage
+            copy.write(data)
+        yield cur
 
 
 def _merge_from(  # noqa: PLR0917 (internal)

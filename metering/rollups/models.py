@@ -6,18 +6,17 @@ The design writes only what changed (see ``docs/rollups.md``):
 
 - ``usage_state`` holds, per app and per account, the value held now and running totals since
   the entity was first seen: the time integral of connections and channels (``area``: one
-  connection for one counted second is 1) and the cumulative counters. An entity that does
-  not change costs nothing: its value carries forward.
-- ``usage_starts`` holds, per app and per account, where its latest row of each unit starts
-  and what its latest minute row started with. Apart from ``usage_state``, which a busy
-  entity rewrites every cycle, because these change only when a period begins for the
-  entity: every cycle's write (a whole new row version, in Postgres) stays about half as wide.
+  connection for one counted second is 1) and the cumulative counters; with them its latest
+  minute row and where its latest hour, day and month rows start. All of it in one packed
+  value (``metering.rollups.state``): a busy entity's row is rewritten every cycle, and on
+  Postgres an UPDATE costs per column written. An entity that does not change costs nothing:
+  its value carries forward.
 - ``usage_rollups`` holds one row per period in which something happened to the entity: the
   values carried in at the period's start (``*0``), the running totals at its start, and the
   extremes. A period's sums are the difference of the running totals at its two ends, so a
   busy app writes its state row each cycle, its hour, day and month rows only when a period
   starts or a peak or min moves, and its minute row once, when the minute is over: the
-  latest minute row is part of the state and starts rows until then.
+  latest minute row is part of the state row until then.
 - ``usage_cursor`` is the aggregator's watermark: the last sample second folded, the cycle
   number, and each datacenter's counter cursor. It is written in the transaction that writes
   the rollups, so a cycle counts everything once or not at all.
@@ -81,65 +80,15 @@ class UsageGap(Base):
 
 
 class UsageState(Base):
+    """What the aggregator knows of each app and account: its state, its latest minute row
+    and where its latest hour, day and month rows start, packed in one value
+    (``metering.rollups.state``; migration 0012)."""
+
     __tablename__ = "usage_state"
 
     scope: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     entity_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    # The value held since ``since`` (connections of all transports, WebSocket, channels).
-    conns: Mapped[int] = mapped_column(BigInteger)
-    ws: Mapped[int] = mapped_column(BigInteger)
-    channels: Mapped[int] = mapped_column(BigInteger)
-    since: Mapped[int] = mapped_column(BigInteger)
-    # Integrals over the counted seconds before ``since``.
-    area: Mapped[int] = mapped_column(BigInteger)
-    ch_area: Mapped[int] = mapped_column(BigInteger)
-    opened: Mapped[int] = mapped_column(BigInteger)
-    refused: Mapped[int] = mapped_column(BigInteger)
-    ch_opened: Mapped[int] = mapped_column(BigInteger)
-    pub_n: Mapped[int] = mapped_column(BigInteger)
-    pub_b: Mapped[int] = mapped_column(BigInteger)
-    del_n: Mapped[int] = mapped_column(BigInteger)
-    del_b: Mapped[int] = mapped_column(BigInteger)
-    ch_refused: Mapped[int] = mapped_column(BigInteger)
-    msg_refused: Mapped[int] = mapped_column(BigInteger)
-    # The extremes of the entity's latest minute row (``UsageRollup``'s columns from ``peak``
-    # on; its start and start values are in ``UsageStarts``): they change nearly every cycle,
-    # so they live here, written with the state, until a later minute begins for the entity
-    # and the row moves to ``usage_rollups``. None: no minute row.
-    minute_peak: Mapped[int | None] = mapped_column(BigInteger)
-    minute_peak_at: Mapped[int | None] = mapped_column(BigInteger)
-    minute_min: Mapped[int | None] = mapped_column(BigInteger)
-    minute_ws_peak: Mapped[int | None] = mapped_column(BigInteger)
-    minute_ch_peak: Mapped[int | None] = mapped_column(BigInteger)
-    minute_ch_min: Mapped[int | None] = mapped_column(BigInteger)
-
-
-class UsageStarts(Base):
-    __tablename__ = "usage_starts"
-
-    scope: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    entity_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    # The start of the entity's latest row, per unit (None: no row yet).
-    minute: Mapped[int | None] = mapped_column(BigInteger)
-    hour: Mapped[int | None] = mapped_column(BigInteger)
-    day: Mapped[int | None] = mapped_column(BigInteger)
-    month: Mapped[int | None] = mapped_column(BigInteger)
-    # The latest minute row's values carried in and running totals at its start
-    # (``UsageRollup``'s columns from ``conns0`` to ``msg_refused0``).
-    minute_conns0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_ws0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_channels0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_area0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_ch_area0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_opened0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_refused0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_ch_opened0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_pub_n0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_pub_b0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_del_n0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_del_b0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_ch_refused0: Mapped[int | None] = mapped_column(BigInteger)
-    minute_msg_refused0: Mapped[int | None] = mapped_column(BigInteger)
+    packed: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class UsageRollup(Base):

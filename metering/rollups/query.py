@@ -21,20 +21,19 @@ from sqlalchemy import Connection, select
 
 from metering.core.errors import ValidationError
 from metering.rollups import bulk
+from metering.rollups import state as entity_state
 from metering.rollups.fold import UNIT_CODES, Coverage, period_end, period_start
 from metering.rollups.models import (
     COUNTERS,
     UsageCursor,
     UsageGap,
     UsageRollup,
-    UsageStarts,
     UsageState,
 )
 from metering.rollups.periods import Unit, interval_id
 
 MAX_LIMIT = 1000
-# usage_rollups' columns after its key, as usage_state and usage_starts hold them for the latest
-# minute row.
+# usage_rollups' columns after its key, as usage_state holds them for the latest minute row.
 _ROW_FIGURES = tuple(
     c.name
     for c in UsageRollup.__table__.columns
@@ -110,19 +109,13 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         .mappings()
         .first()
     )
-    # The entity's state, with the starts of its latest rows (the latest minute row is in both).
-    st, starts = UsageState.__table__, UsageStarts.__table__
-    state: Any = (
-        conn.execute(
-            select(st, *(c for c in starts.c if c.name not in {"scope", "entity_id"}))
-            .outerjoin(
-                starts, (starts.c.scope == st.c.scope) & (starts.c.entity_id == st.c.entity_id)
-            )
-            .where((st.c.scope == query.scope) & (st.c.entity_id == query.entity_id))
+    # The entity's state, with its latest minute row and its latest rows' starts.
+    packed = conn.execute(
+        select(UsageState.packed).where(
+            (UsageState.scope == query.scope) & (UsageState.entity_id == query.entity_id)
         )
-        .mappings()
-        .first()
-    )
+    ).scalar()
+    state = entity_state.as_mapping(bytes(packed)) if packed is not None else None
     latest = _minute_row(state) if unit is Unit.MINUTE else None
     if latest is not None:  # the entity's latest minute row is not in usage_rollups yet
         start = latest["period_start"]
@@ -141,9 +134,8 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
 
 
 def _minute_row(state: Any) -> dict[str, Any] | None:
-    """The latest minute row held in the state and starts rows, shaped like a
-    ``usage_rollups`` row."""
-    if state is None or state["minute"] is None or state["minute_peak"] is None:
+    """The latest minute row held in the state row, shaped like a ``usage_rollups`` row."""
+    if state is None or state["minute"] is None:
         return None
     row = {c: state[f"minute_{c}"] for c in _ROW_FIGURES}
     row["period_start"] = state["minute"]
@@ -430,13 +422,13 @@ def month_usage(
         "usage_rollups",
         ("entity_id", "period_start", *_MONTH_COLUMNS),
     )
-    states = bulk.select_array(
+    _, entity, packed = bulk.select_packed(
         conn,
-        f"SELECT entity_id, {', '.join(_STATE_COLUMNS)} FROM usage_state "  # noqa: S608
-        f"WHERE scope = {int(scope)} ORDER BY entity_id",
-        "usage_state",
-        ("entity_id", *_STATE_COLUMNS),
+        f"SELECT scope, entity_id, packed FROM usage_state WHERE scope = {int(scope)} "  # noqa: S608
+        "ORDER BY entity_id",
+        len(entity_state.FIELDS),
     )
+    states = np.column_stack([entity, packed[:, [entity_state.column(c) for c in _STATE_COLUMNS]]])
     ids = np.union1d(np.union1d(rows[:, 0], nxt[:, 0]), states[:, 0])
     n = len(ids)
     # The values and totals at the month's end: from the next row's start, else the state.

@@ -29,16 +29,14 @@ from sqlalchemy import Connection, Engine, select, text, update
 from metering.accounts.models import App
 from metering.core.logging import get_logger
 from metering.live.store import DatacenterStore, GlobalStore
-from metering.rollups import bulk, source
+from metering.rollups import bulk, source, state
 from metering.rollups.fold import (
     ACCOUNT,
     APP,
     CH_OPENED,
     N_COUNTERS,
     R_CH_PEAK,
-    R_CONNS0,
     R_COUNTERS0,
-    R_EXTREMES,
     R_PEAK,
     R_START,
     S_CH,
@@ -65,25 +63,11 @@ from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
-UNIT_COLUMNS = tuple(u.value for u in UNITS)  # usage_starts' column per unit
 ROW_COLUMNS = (
     "scope", "entity_id", "unit", "period_start", "conns0", "ws0", "channels0", "area0",
     "ch_area0", *(f"{c}0" for c in COUNTERS),
     "peak", "peak_at", "min", "ws_peak", "ch_peak", "ch_min",
 )  # fmt: skip
-# The latest minute row, apart from its start: its values and totals at its start (in
-# usage_starts, written when the row begins), and its extremes (in usage_state, written with
-# the state). ``ROW_COLUMNS[3 + r]`` is the book's row column ``r``.
-MINUTE_STARTS = tuple(f"minute_{c}" for c in ROW_COLUMNS[3 + R_CONNS0 : 3 + R_PEAK])
-MINUTE_EXTREMES = tuple(f"minute_{c}" for c in ROW_COLUMNS[3 + R_PEAK :])
-# usage_state: the state, then the latest minute row's extremes.
-STATE_COLUMNS = (
-    "scope", "entity_id", "conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS,
-    *MINUTE_EXTREMES,
-)  # fmt: skip
-# usage_starts: the latest row's start per unit, then the latest minute row's start values.
-STARTS_COLUMNS = ("scope", "entity_id", *UNIT_COLUMNS, *MINUTE_STARTS)
-_KEYS = ("scope", "entity_id")
 _ROW_MERGE = {
     "peak_at": "CASE WHEN excluded.peak > {t}.peak THEN excluded.peak_at ELSE {t}.peak_at END",
     "peak": "{greatest}({t}.peak, excluded.peak)",
@@ -426,38 +410,27 @@ class Aggregator:
         if loaded is not None and loaded.cycle == cursor.cycle:
             return loaded
         book = Book()
-        # NULL: no such row (a minute row whose extremes are NULL does not exist either).
-        extremes = [f"COALESCE({c}, {-1 if c == 'minute_peak' else 0})" for c in MINUTE_EXTREMES]
-        first = len(STATE_COLUMNS) - len(MINUTE_EXTREMES)
-        columns = [*STATE_COLUMNS[:first], *extremes]
-        sql = f"SELECT {', '.join(columns)} FROM usage_state"  # noqa: S608 (our own names)
-        states = bulk.select_array(conn, sql, "usage_state", STATE_COLUMNS)
-        idx = book.add(codes(states[:, 0], states[:, 1]), 0)
-        book.state[idx] = states[:, 2:first]
-        book.rows[0, idx, R_EXTREMES] = states[:, first:]
-        columns = [
-            *_KEYS, *(f"COALESCE({c}, -1)" for c in UNIT_COLUMNS),
-            *(f"COALESCE({c}, 0)" for c in MINUTE_STARTS),
-        ]  # fmt: skip
-        sql = f"SELECT {', '.join(columns)} FROM usage_starts"  # noqa: S608 (our own names)
-        starts = bulk.select_array(conn, sql, "usage_starts", STARTS_COLUMNS)
-        idx = book.find(codes(starts[:, 0], starts[:, 1]))
-        starts = starts[idx >= 0]  # (a state row is written with its starts row: never)
-        idx = idx[idx >= 0]
-        book.rows[:, idx, R_START] = starts[:, 2 : 2 + len(UNIT_COLUMNS)].T
-        book.rows[0, idx, R_CONNS0:R_PEAK] = starts[:, 2 + len(UNIT_COLUMNS) :]
+        scope, entity, packed = bulk.select_packed(
+            conn, "SELECT scope, entity_id, packed FROM usage_state", len(state.FIELDS)
+        )
+        idx = book.add(codes(scope, entity), 0)
+        book.state[idx] = packed[:, state.STATE_COLUMNS]
+        book.rows[0, idx] = packed[:, state.MINUTE_COLUMNS]
+        book.rows[1:, idx, R_START] = packed[:, state.STARTS_COLUMNS].T
+        # (A minute row with no counted second, as migration 0012 packs one whose extremes
+        # were NULL, does not exist.)
         no_minute = book.rows[0, : book.size, R_PEAK] < 0
         book.rows[0, : book.size, R_START][no_minute] = -1
-        for i, unit_column in enumerate(UNIT_COLUMNS[1:], start=1):
-            rows = bulk.select_array(
-                conn,
-                f"SELECT {', '.join('r.' + c for c in ROW_COLUMNS)} FROM usage_rollups r "  # noqa: S608
-                f"JOIN usage_starts s ON r.scope = s.scope AND r.entity_id = s.entity_id "
-                f"AND r.unit = {i + 1} AND r.period_start = s.{unit_column}",
-                "usage_rollups",
-                ROW_COLUMNS,
+        # The latest hour, day and month rows, where the entities' starts say they are.
+        every = np.arange(book.size)
+        for u in range(1, len(UNITS)):
+            at = every[book.rows[u, : book.size, R_START] >= 0]
+            unit = np.full(len(at), u + 1, np.int64)
+            wanted = np.column_stack([*split(book.codes[at]), unit, book.rows[u, at, R_START]])
+            rows = bulk.select_matching(
+                conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], wanted=wanted
             )
-            book.rows[i, book.find(codes(rows[:, 0], rows[:, 1]))] = rows[:, 3:]
+            book.rows[u, book.find(codes(rows[:, 0], rows[:, 1]))] = rows[:, 3:]
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
         marks: dict[tuple[str, str], Marks] = {}
@@ -477,16 +450,14 @@ class Aggregator:
         rows that closed (minute rows move to ``usage_rollups`` then); a closed row older than
         its unit's retention horizon is dropped, not written back."""
         book = folder.book
-        idx = np.nonzero(book.dirty_state[: book.size])[0]
-        state_rows = np.column_stack(
-            [*split(book.codes[idx]), book.state[idx], book.rows[0, idx, R_EXTREMES]]
-        )
-        idx = np.nonzero(book.dirty_starts[: book.size])[0]
-        starts = book.rows[:, idx, R_START].T
-        assert (starts >= 0).all(), "an entity whose row began has a row per unit"
-        starts_rows = np.column_stack(
-            [*split(book.codes[idx]), starts, book.rows[0, idx, R_CONNS0:R_PEAK]]
-        )
+        idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
+        begun = book.dirty_starts[idx]
+        assert (book.rows[:, idx[begun], R_START] >= 0).all(), "a row began for every unit"
+        packed = np.empty((len(idx), len(state.FIELDS)), dtype=np.int64)
+        packed[:, state.STATE_COLUMNS] = book.state[idx]
+        packed[:, state.MINUTE_COLUMNS] = book.rows[0, idx]
+        packed[:, state.STARTS_COLUMNS] = book.rows[1:, idx, R_START].T
+        scope, entity = split(book.codes[idx])
         parts = [
             (u, book.codes[iu], book.rows[u, iu])
             for u in range(1, len(UNITS))
@@ -496,16 +467,13 @@ class Aggregator:
         # (inserted). The other units' rows may be there already (merged).
         minutes = _row_matrix([(u, c, r) for u, c, r in folder.closed if u == 0], horizons)
         rows = _row_matrix([*parts, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
-        bulk.replace_array(conn, "usage_state", columns=STATE_COLUMNS, keys=_KEYS, rows=state_rows)
-        bulk.replace_array(
-            conn, "usage_starts", columns=STARTS_COLUMNS, keys=_KEYS, rows=starts_rows
-        )
+        bulk.replace_packed(conn, "usage_state", scope=scope, entity=entity, packed=packed)
         for block, new in ((minutes, True), (rows, False)):
             bulk.upsert_array(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
                 merge=_ROW_MERGE, new=new,
             )  # fmt: skip
-        return len(state_rows), len(minutes) + len(rows)
+        return len(packed), len(minutes) + len(rows)
 
     def _write_marks(
         self, conn: Connection, loaded: _Loaded, dirty: set[tuple[str, str]], second: int

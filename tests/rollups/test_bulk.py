@@ -15,7 +15,8 @@ from sqlalchemy import Engine, text
 from metering.core.database import make_engine
 from metering.core.migrate import upgrade
 from metering.rollups import bulk
-from metering.rollups.service import _ROW_MERGE, ROW_COLUMNS, STATE_COLUMNS
+from metering.rollups.service import _ROW_MERGE, ROW_COLUMNS
+from metering.rollups.state import FIELDS, pack
 from tests.scratch import scratch_database
 
 
@@ -35,44 +36,64 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
 
 
 def states(*entities: tuple[int, int]) -> np.ndarray:
-    """A state row per (entity id, value): scope 1, every other column the value."""
-    out = np.zeros((len(entities), len(STATE_COLUMNS)), dtype=np.int64)
-    for i, (entity, value) in enumerate(entities):
+    """A packed state per (entity id, value): every field the value, the last one minus it
+    (big-endian bytes of negative numbers, too)."""
+    out = np.zeros((len(entities), len(FIELDS)), dtype=np.int64)
+    for i, (_, value) in enumerate(entities):
         out[i] = value
-        out[i, :2] = (1, entity)
+        out[i, -1] = -value
     return out
 
 
 def stored(engine: Engine) -> dict[int, list[int]]:
     with engine.connect() as conn:
-        found = conn.execute(text(f"SELECT {', '.join(STATE_COLUMNS)} FROM usage_state")).all()
-    return {r[1]: list(r[2:]) for r in found}
-
-
-def replace(engine: Engine, rows: np.ndarray) -> None:
-    with engine.begin() as conn:
-        bulk.replace_array(
-            conn, "usage_state", columns=STATE_COLUMNS, keys=("scope", "entity_id"), rows=rows
+        scope, entity, packed = bulk.select_packed(
+            conn, "SELECT scope, entity_id, packed FROM usage_state", len(FIELDS)
         )
+    assert set(scope.tolist()) <= {1}
+    return dict(zip(entity.tolist(), packed.tolist(), strict=True))
+
+
+def replace(engine: Engine, *entities: tuple[int, int]) -> None:
+    ids = np.array([e for e, _ in entities], dtype=np.int64)
+    with engine.begin() as conn:
+        bulk.replace_packed(
+            conn, "usage_state", scope=np.ones(len(ids), np.int64), entity=ids,
+            packed=states(*entities),
+        )  # fmt: skip
 
 
 def test_states_are_written_as_they_now_are_whether_or_not_they_were_there(
     engine: Engine,
 ) -> None:
-    width = len(STATE_COLUMNS) - 2
-    replace(engine, states((1, 10), (2, 20)))  # all new
-    assert stored(engine) == {1: [10] * width, 2: [20] * width}
+    def held(value: int) -> list[int]:
+        return [value] * (len(FIELDS) - 1) + [-value]
 
-    replace(engine, states((2, 21), (1, 11)))  # all there: updated
-    assert stored(engine) == {1: [11] * width, 2: [21] * width}
+    replace(engine, (1, 10), (2, 20))  # all new
+    assert stored(engine) == {1: held(10), 2: held(20)}
 
-    replace(engine, states((3, 30), (1, 12), (4, 40)))  # some there, some new
-    assert stored(engine) == {
-        1: [12] * width, 2: [21] * width, 3: [30] * width, 4: [40] * width
-    }  # fmt: skip
+    replace(engine, (2, 21), (1, 11))  # all there: updated
+    assert stored(engine) == {1: held(11), 2: held(21)}
 
-    replace(engine, states((3, 30), (1, 12), (4, 40)))  # the same again (a replay): no change
+    replace(engine, (3, 30), (1, 12), (4, 40))  # some there, some new
+    assert stored(engine) == {1: held(12), 2: held(21), 3: held(30), 4: held(40)}
+
+    replace(engine, (3, 30), (1, 12), (4, 40))  # the same again (a replay): no change
     assert len(stored(engine)) == 4
+    with engine.connect() as conn:  # as Postgres and SQLite store it: 8 big-endian bytes each
+        blob = conn.execute(text("SELECT packed FROM usage_state WHERE entity_id = 3")).scalar()
+    assert bytes(blob) == pack(dict.fromkeys(FIELDS[:-1], 30) | {FIELDS[-1]: -30})
+    assert bytes(blob)[:8] == (30).to_bytes(8, "big")
+
+
+def test_a_state_of_another_width_is_refused_with_the_migration_to_run(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO usage_state (scope, entity_id, packed) VALUES (1, 1, :p)"),
+            {"p": b"\x00" * 8 * (len(FIELDS) - 1)},
+        )
+    with engine.connect() as conn, pytest.raises(ValueError, match="metering db upgrade"):
+        bulk.select_packed(conn, "SELECT scope, entity_id, packed FROM usage_state", len(FIELDS))
 
 
 def test_a_binary_copy_reads_back_as_the_matrix_it_was_built_from() -> None:

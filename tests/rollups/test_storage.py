@@ -17,6 +17,7 @@ from sqlalchemy import Connection, create_engine, inspect, text
 
 from metering.core.migrate import alembic_config, upgrade
 from metering.rollups.marks import Marks
+from metering.rollups.state import as_mapping
 from tests.scratch import scratch_database
 
 
@@ -322,5 +323,105 @@ def test_migration_0009_moves_the_latest_rows_starts_out_of_the_state_and_back(
                 ).all()
                 assert [tuple(r) for r in back] == [(*k, *v[0], *v[1]) for k, v in held.items()]
                 assert "usage_starts" not in inspect(conn).get_table_names()
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0012_packs_the_state_and_starts_rows_into_one_value_and_back(
+    dialect: str, tmp_path: Path
+) -> None:
+    totals = (
+        "conns, ws, channels, since, area, ch_area, opened, refused, ch_opened, pub_n, pub_b, "
+        "del_n, del_b, ch_refused, msg_refused"
+    )
+    extremes = (
+        "minute_peak, minute_peak_at, minute_min, minute_ws_peak, minute_ch_peak, minute_ch_min"
+    )
+    starts = (
+        "minute, hour, day, month, minute_conns0, minute_ws0, minute_channels0, minute_area0, "
+        "minute_ch_area0, minute_opened0, minute_refused0, minute_ch_opened0, minute_pub_n0, "
+        "minute_pub_b0, minute_del_n0, minute_del_b0, minute_ch_refused0, minute_msg_refused0"
+    )
+    # (1, 7): a minute row and every unit's start, totals beyond 2**32; (2, 9): an hour row's
+    # start only, no minute row; (1, 8): a state with no starts row at all.
+    big = 5 * 2**40
+    held: dict[tuple[int, int], tuple[tuple[int | None, ...], ...]] = {
+        (1, 7): (
+            (*range(100, 114), big),
+            (9, 125, 1, 8, 3, 0),
+            (120, 0, 0, 0, *range(200, 214)),
+        ),
+        (1, 8): ((3,) * 15, (None,) * 6, ()),
+        (2, 9): ((4,) * 15, (None,) * 6, (None, 3600, None, None, *[None] * 14)),
+    }
+    with _database(dialect, tmp_path) as url:
+        cfg = alembic_config(url)
+        command.downgrade(cfg, "0011")
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                for (scope, entity), (values, ext, begun) in held.items():
+                    params = {f"v{i}": v for i, v in enumerate((*values, *ext))}
+                    conn.execute(
+                        text(
+                            f"INSERT INTO usage_state (scope, entity_id, {totals}, {extremes}) "
+                            f"VALUES ({scope}, {entity}, "
+                            + ", ".join(f":v{i}" for i in range(len(params)))
+                            + ")"
+                        ),
+                        params,
+                    )
+                    if begun:
+                        conn.execute(
+                            text(
+                                f"INSERT INTO usage_starts (scope, entity_id, {starts}) VALUES "
+                                f"({scope}, {entity}, "
+                                + ", ".join(f":s{i}" for i in range(len(begun)))
+                                + ")"
+                            ),
+                            {f"s{i}": v for i, v in enumerate(begun)},
+                        )
+
+            command.upgrade(cfg, "0012")
+            with engine.connect() as conn:
+                assert "usage_starts" not in inspect(conn).get_table_names()
+                assert set(_columns(conn, "usage_state")) == {"scope", "entity_id", "packed"}
+                found = {
+                    (r.scope, r.entity_id): as_mapping(bytes(r.packed))
+                    for r in conn.execute(text("SELECT * FROM usage_state"))
+                }
+            assert set(found) == set(held)
+            for key, (values, ext, begun) in held.items():
+                got = found[key]
+                assert [got[c] for c in totals.split(", ")] == list(values)
+                names = starts.split(", ")
+                if key == (1, 7):  # the minute row whole, every unit's start
+                    assert [got[c] for c in names] == list(begun)
+                    assert [got[c] for c in extremes.split(", ")] == list(ext)
+                else:  # no minute row: None, as the reads take it
+                    assert got["minute"] is None
+                    assert got["minute_peak"] is None
+                    assert got["minute_pub_n0"] is None
+                assert got["hour"] == (3600 if key == (2, 9) else 0 if key == (1, 7) else None)
+                assert got["day"] == (0 if key == (1, 7) else None)
+
+            command.downgrade(cfg, "0011")
+            with engine.connect() as conn:
+                back = {
+                    (r[0], r[1]): tuple(r[2:])
+                    for r in conn.execute(
+                        text(f"SELECT scope, entity_id, {totals}, {extremes} FROM usage_state")
+                    )
+                }
+                back_starts = {
+                    (r[0], r[1]): tuple(r[2:])
+                    for r in conn.execute(
+                        text(f"SELECT scope, entity_id, {starts} FROM usage_starts")
+                    )
+                }
+            assert back == {k: (*v[0], *v[1]) for k, v in held.items()}
+            # Every state row has its starts row again (NULL where it had none).
+            assert back_starts == {k: v[2] or (None,) * 18 for k, v in held.items()}
         finally:
             engine.dispose()

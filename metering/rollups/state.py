@@ -1,0 +1,88 @@
+"""``usage_state.packed``: what the aggregator knows of one entity, in one value.
+
+Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes):
+
+- the state: the value held now and since when, the running totals since the entity was first
+  seen (``fold.S_*``);
+- its latest minute row, whole (``fold.R_*``: its start, the values carried in and totals at
+  its start, its extremes so far);
+- where its latest hour, day and month rows start.
+
+Migration 0012 packed what were 23 columns of ``usage_state`` and 20 of ``usage_starts``.
+On Postgres every column of a rewritten row costs its share of the UPDATE, whether it changed
+or not: measured on 120 000 rows, 21 bigint columns took 450 ms and 42 took 700, where one
+``bytea`` of 21 values took 300 ms and of 42 values 375. A busy entity's row is rewritten
+every cycle, and at every minute its minute row begins again, which the separate starts table
+cost as a second UPDATE of every busy entity.
+
+"No such row" is -1 in a start (``minute``, ``hour``, ``day``, ``month``) and in
+``minute_peak`` (no counted second yet), as in the aggregator's book. Big-endian, so that
+Postgres can read a field itself: field ``i`` is
+``('x' || encode(substring(packed from 8 * i + 1 for 8), 'hex'))::bit(64)::bigint``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from metering.rollups.models import COUNTERS
+
+_ROW = (
+    "conns0", "ws0", "channels0", "area0", "ch_area0", *(f"{c}0" for c in COUNTERS),
+    "peak", "peak_at", "min", "ws_peak", "ch_peak", "ch_min",
+)  # fmt: skip
+STATE = ("conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS)
+MINUTE_ROW = ("minute", *(f"minute_{c}" for c in _ROW))
+COARSER_STARTS = ("hour", "day", "month")
+FIELDS = (*STATE, *MINUTE_ROW, *COARSER_STARTS)
+WIDTH = 8 * len(FIELDS)
+DTYPE = np.dtype(">i8")
+_AT = {name: i for i, name in enumerate(FIELDS)}
+# Where each part lies in a packed matrix's columns.
+STATE_COLUMNS = slice(0, len(STATE))
+MINUTE_COLUMNS = slice(len(STATE), len(STATE) + len(MINUTE_ROW))
+STARTS_COLUMNS = slice(len(STATE) + len(MINUTE_ROW), len(FIELDS))
+
+
+def column(name: str) -> int:
+    return _AT[name]
+
+
+def unpack(blobs: Sequence[bytes]) -> npt.NDArray[np.int64]:
+    """The packed values of ``blobs`` as an int64 matrix (a row per blob, ``FIELDS``)."""
+    for blob in blobs:
+        if len(blob) != WIDTH:
+            raise ValueError(
+                f"a usage_state row holds {len(blob)} bytes, not {WIDTH}: "
+                "the database and the code are at different migrations (`metering db upgrade`)"
+            )
+    data = b"".join(blobs)
+    return np.frombuffer(data, dtype=DTYPE).reshape(len(blobs), len(FIELDS)).astype(np.int64)
+
+
+def as_mapping(blob: bytes) -> dict[str, Any]:
+    """One entity's fields by name, None where there is no such row (its start is -1: the
+    minute row's every field, or that unit's start)."""
+    values = unpack([blob])[0].tolist()
+    out: dict[str, Any] = dict(zip(FIELDS, values, strict=True))
+    if out["minute"] < 0 or out["minute_peak"] < 0:
+        out.update(dict.fromkeys(MINUTE_ROW))
+    for unit in COARSER_STARTS:
+        if out[unit] < 0:
+            out[unit] = None
+    return out
+
+
+def pack(values: dict[str, int | None]) -> bytes:
+    """One entity's packed value from its fields by name (None or absent: no such row)."""
+    row = np.zeros(len(FIELDS), dtype=DTYPE)
+    for name in (*MINUTE_ROW[:1], "minute_peak", *COARSER_STARTS):
+        row[_AT[name]] = -1
+    for name, value in values.items():
+        if value is not None:
+            row[_AT[name]] = value
+    return row.tobytes()
