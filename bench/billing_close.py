@@ -34,13 +34,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import psycopg
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from bench._common import exit_on_sigterm, row, scratch_engine
 from metering.rollups.models import COUNTERS
-from metering.rollups.state import pack, unpack
+from metering.rollups.state import DTYPE, pack
 from tests import processes
 
 TARGET_SECONDS = 30.0
@@ -181,7 +182,7 @@ def baseline(dsn: str, accounts: int) -> float:
             found = conn.execute(
                 "SELECT scope, entity_id, packed FROM usage_state WHERE scope = %s", (scope,)
             ).fetchall()
-            unpack([packed for _scope, _entity, packed in found])
+            np.frombuffer(b"".join(packed for _scope, _entity, packed in found), DTYPE)
         conn.execute("CREATE TEMP TABLE i (LIKE invoices)")
         conn.execute("CREATE TEMP TABLE l (LIKE invoice_lines)")
         issued = datetime.now(UTC).isoformat()

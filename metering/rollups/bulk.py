@@ -84,7 +84,7 @@ def binary_copy(rows: npt.NDArray[np.int64], widths: Sequence[int] | None = None
         if w != 8 and n_rows and not (-limit <= rows[:, i].min() <= rows[:, i].max() < limit):
             raise ValueError(f"column {i} has a value outside {w}-byte integers")
     record = _binary_dtype(typed) if typed else np.dtype([("n", ">i2"), ("f", _BIGINT_FIELD, (n,))])
-    buf, out = _copy_buffer(record, n_rows)
+    buf, (out,) = _copy_buffer([(record, n_rows)])
     out["n"] = n
     for i, w in enumerate(typed):
         out[f"l{i}"] = w
@@ -98,13 +98,21 @@ def binary_copy(rows: npt.NDArray[np.int64], widths: Sequence[int] | None = None
 _BIGINT_FIELD = np.dtype([("l", ">i4"), ("v", ">i8")])
 
 
-def _copy_buffer(record: np.dtype[Any], n: int) -> tuple[bytearray, npt.NDArray[Any]]:
-    """A binary COPY of ``n`` records, header and trailer in place, and the records as a
-    NumPy array over it to fill in (the buffer is what is sent: no concatenation)."""
-    buf = bytearray(len(_SIGNATURE) + n * record.itemsize + len(_TRAILER))
+def _copy_buffer(
+    records: Sequence[tuple[np.dtype[Any], int]],
+) -> tuple[bytearray, list[npt.NDArray[Any]]]:
+    """A binary COPY of (record type, how many) runs of records, header and trailer in place,
+    and each run as a NumPy array over it to fill in (the buffer is what is sent: no
+    concatenation)."""
+    size = sum(record.itemsize * n for record, n in records)
+    buf = bytearray(len(_SIGNATURE) + size + len(_TRAILER))
     buf[: len(_SIGNATURE)] = _SIGNATURE
     buf[len(buf) - len(_TRAILER) :] = _TRAILER
-    return buf, np.frombuffer(buf, dtype=record, count=n, offset=len(_SIGNATURE))
+    runs, offset = [], len(_SIGNATURE)
+    for record, n in records:
+        runs.append(np.frombuffer(buf, dtype=record, count=n, offset=offset))
+        offset += record.itemsize * n
+    return buf, runs
 
 
 def parse_binary_copy(data: bytes, widths: Sequence[int]) -> npt.NDArray[np.int64]:
@@ -142,16 +150,20 @@ def select_matching(
     columns: Sequence[str],
     keys: Sequence[str],
     wanted: npt.NDArray[np.int64],
+    where: str = "TRUE",
 ) -> npt.NDArray[np.int64]:
-    """The ``columns`` of ``table``'s rows whose ``keys`` are a row of ``wanted``: the keys
-    travel into a temporary table (by binary COPY on Postgres), and one join reads the rows."""
+    """The ``columns`` of ``table``'s rows whose ``keys`` are a row of ``wanted`` and which
+    meet ``where`` (SQL on ``r``, the table: a constant condition, such as the partition): the
+    keys travel into a temporary table (by binary COPY on Postgres, then ANALYZE, so that the
+    planner knows how few they are against the table), and one join reads the rows."""
     if not len(wanted):
         return np.zeros((0, len(columns)), dtype=np.int64)
     match = " AND ".join(f"r.{k} = w.{k}" for k in keys)
     cols = ", ".join("r." + c for c in columns)
-    select = f"SELECT {cols} FROM {table} r JOIN {{w}} w ON {match}"  # noqa: S608 (our names)
+    select = f"SELECT {cols} FROM {table} r JOIN {{w}} w ON {match} WHERE {where}"  # noqa: S608
     if conn.dialect.name == "postgresql":
-        with _staged(conn, table, keys, wanted, kind="keys") as (_cur, stage):
+        with _staged(conn, table, keys, wanted, kind="keys") as (cur, stage):
+            cur.execute(f"ANALYZE {stage}")
             return select_array(conn, select.format(w=stage), table, columns)
     stage = f"_wanted_{table}"
     conn.exec_driver_sql(
@@ -215,26 +227,30 @@ def _packed_dtype(width: int) -> np.dtype[Any]:
 
 
 def replace_packed(
-    conn: Connection, table: str, *, scope: Ints, entity: Ints, packed: npt.NDArray[Any]
+    conn: Connection, table: str, parts: Sequence[tuple[Ints, Ints, npt.NDArray[np.int64]]]
 ) -> int:
     """Write records keyed by (scope, entity_id) as they now are: their one other column,
-    ``packed``, set to a row of ``packed`` (int64 values) as big-endian bytes; records not
-    there yet inserted (``usage_state``, ``metering.rollups.state``).
+    ``packed``, set to a row of int64 values as big-endian bytes; records not there yet
+    inserted (``usage_state``, ``metering.rollups.state``). ``parts``: (scopes, entity ids,
+    values) of records, each part's values of one width.
 
     For records that are nearly all there already: on Postgres the rows travel by binary COPY
     into a staging table, built by NumPy in one piece, then one ``UPDATE ... FROM`` it, which
     joins it once, and costs less than an ``INSERT ... ON CONFLICT DO UPDATE`` (an index
     probe and a speculative insertion per row; ``bench/upsert_methods.py``). Only when it
     updated fewer records than it was given are the missing ones inserted."""
-    n = len(packed)
+    parts = [p for p in parts if len(p[2])]
+    n = sum(len(p[2]) for p in parts)
     if not n:
         return 0
     if conn.dialect.name != "postgresql":
-        blobs = np.ascontiguousarray(packed, dtype=">i8")
-        params = [
-            {"scope": int(s), "entity_id": int(e), "packed": blobs[i].tobytes()}
-            for i, (s, e) in enumerate(zip(scope.tolist(), entity.tolist(), strict=True))
-        ]
+        params = []
+        for scope, entity, packed in parts:
+            blobs = np.ascontiguousarray(packed, dtype=">i8")
+            params += [
+                {"scope": int(s), "entity_id": int(e), "packed": blobs[i].tobytes()}
+                for i, (s, e) in enumerate(zip(scope.tolist(), entity.tolist(), strict=True))
+            ]
         conn.execute(
             text(
                 f"INSERT INTO {table} (scope, entity_id, packed) "  # noqa: S608
@@ -244,15 +260,16 @@ def replace_packed(
             params,
         )
         return n
-    width = packed.shape[1]
-    buf, out = _copy_buffer(_packed_dtype(width), n)
-    out["n"], out["l0"], out["l1"], out["l2"] = 3, 2, 8, 8 * width
-    out["scope"] = scope
-    out["entity"] = entity
-    out["packed"] = packed
+    buf, records = _copy_buffer([(_packed_dtype(p[2].shape[1]), len(p[2])) for p in parts])
+    for (scope, entity, packed), out in zip(parts, records, strict=True):
+        out["n"], out["l0"], out["l1"], out["l2"] = 3, 2, 8, 8 * packed.shape[1]
+        out["scope"] = scope
+        out["entity"] = entity
+        out["packed"] = packed
     stage = f"_stage_{table}_packed"
     definition = "scope smallint, entity_id bigint, packed bytea"
     columns = ("scope", "entity_id", "packed")
+    width = max(p[2].shape[1] for p in parts)
     with _copied(conn, stage, definition, columns, buf) as cur:
         # The join hashes the staged rows: in memory in one batch, not spilled in several
         # to temporary files (at 100 000 states with the default 4 MB, 8 batches, and the

@@ -201,7 +201,9 @@ class Book:
 
     Entity ``i`` is row ``i`` of ``state`` (``S_*`` columns) and of ``rows[u]`` (``R_*``
     columns) for each unit ``u``, finest first; a row whose ``R_START`` is -1 does not exist
-    yet, one whose ``R_PEAK`` is -1 has no counted second yet. ``dirty_state``,
+    yet, one whose ``R_PEAK`` is -1 has no counted second yet. ``held[i]`` is a minute row
+    of the entity that closed and is not in Postgres's ``usage_rollups`` yet, but in its state
+    row (``R_START`` -1: none; ``service.Aggregator`` moves them). ``dirty_state``,
     ``dirty_starts`` (a latest row began: its start and start values) and ``dirty_rows``
     mark what a cycle changed (``Folder`` clears them when it starts).
     """
@@ -213,6 +215,8 @@ class Book:
         self.rows: Ints = np.zeros((len(UNITS), capacity, R_WIDTH), dtype=np.int64)
         self.rows[:, :, R_START] = -1
         self.rows[:, :, R_PEAK] = -1
+        self.held: Ints = np.zeros((capacity, R_WIDTH), dtype=np.int64)
+        self.held[:, R_START] = -1
         self.dirty_state: Mask = np.zeros(capacity, dtype=np.bool_)
         self.dirty_starts: Mask = np.zeros(capacity, dtype=np.bool_)
         self.dirty_rows: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
@@ -266,6 +270,7 @@ class Book:
         more[:, :, R_START] = -1
         more[:, :, R_PEAK] = -1
         self.rows = np.concatenate([self.rows, more], axis=1)
+        self.held = np.concatenate([self.held, more[0]])
         self.dirty_state = np.concatenate([self.dirty_state, np.zeros(extra, dtype=np.bool_)])
         self.dirty_starts = np.concatenate([self.dirty_starts, np.zeros(extra, dtype=np.bool_)])
         self.dirty_rows = np.concatenate(

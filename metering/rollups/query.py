@@ -116,13 +116,17 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         )
     ).scalar()
     state = entity_state.as_mapping(bytes(packed)) if packed is not None else None
-    latest = _minute_row(state) if unit is Unit.MINUTE else None
-    if latest is not None:  # the entity's latest minute row is not in usage_rollups yet
-        start = latest["period_start"]
+    # The entity's minute rows not in usage_rollups yet: the closed one its state row holds
+    # (older), then its latest.
+    held = [_minute_row(state, "held"), _minute_row(state, "minute")] if unit is Unit.MINUTE else []
+    for extra in held:
+        if extra is None:
+            continue
+        start = extra["period_start"]
         if lo <= start < hi:
-            rows = [r for r in rows if r["period_start"] < start] + [latest]
+            rows = [r for r in rows if r["period_start"] < start] + [extra]
         elif start >= hi and (nxt is None or start < nxt["period_start"]):
-            nxt = latest
+            nxt = extra
     now = _now_point(state, cov)
     out: list[dict[str, Any]] = []
     walk = _walk(unit, lo, hi, rows, nxt, state, now, cov, backwards=query.backwards)
@@ -133,12 +137,13 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
     return out
 
 
-def _minute_row(state: Any) -> dict[str, Any] | None:
-    """The latest minute row held in the state row, shaped like a ``usage_rollups`` row."""
-    if state is None or state["minute"] is None:
+def _minute_row(state: Any, prefix: str) -> dict[str, Any] | None:
+    """A minute row the state row holds (``minute``: the latest; ``held``: one that closed),
+    shaped like a ``usage_rollups`` row."""
+    if state is None or state[prefix] is None:
         return None
-    row = {c: state[f"minute_{c}"] for c in _ROW_FIGURES}
-    row["period_start"] = state["minute"]
+    row = {c: state[f"{prefix}_{c}"] for c in _ROW_FIGURES}
+    row["period_start"] = state[prefix]
     return row
 
 

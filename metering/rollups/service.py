@@ -77,6 +77,11 @@ _ROW_MERGE = {
     "ch_min": "{least}({t}.ch_min, excluded.ch_min)",
 }
 _FROM_FRONTEND = [COUNTERS.index(c) for c in FRONTEND_COUNTERS]
+# Closed minute rows held in the state rows (``state.HELD_ROW``) that a cycle moves to
+# usage_rollups: all of them up to this many, else the oldest sixth of them (a minute's
+# first cycle holds every busy entity's; five more cycles move them, well inside the minute).
+HELD_MOVED = 20_000
+HELD_SHARE = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +134,14 @@ class Aggregator:
         *,
         max_samples: int = 3600,
         on_accounts: AccountsHook | None = None,
+        held_moved: int = HELD_MOVED,
+        held_share: int = HELD_SHARE,
     ) -> None:
         self.engine = engine
+        # Closed minute rows moved from the state rows per cycle: up to ``held_moved``, or
+        # ``1/held_share`` of them if more (0: none but those the next closed row replaces).
+        self.held_moved = held_moved
+        self.held_share = held_share
         self.on_accounts = on_accounts
         self.global_store = global_store
         self.datacenters = datacenters
@@ -410,13 +421,29 @@ class Aggregator:
         if loaded is not None and loaded.cycle == cursor.cycle:
             return loaded
         book = Book()
-        scope, entity, packed = bulk.select_packed(
-            conn, "SELECT scope, entity_id, packed FROM usage_state", len(state.FIELDS)
-        )
-        idx = book.add(codes(scope, entity), 0)
-        book.state[idx] = packed[:, state.STATE_COLUMNS]
-        book.rows[0, idx] = packed[:, state.MINUTE_COLUMNS]
-        book.rows[1:, idx, R_START] = packed[:, state.STARTS_COLUMNS].T
+        widths = (len(state.FIELDS), len(state.FIELDS) + len(state.HELD_ROW))
+        others = conn.exec_driver_sql(
+            "SELECT count(*) FROM usage_state WHERE length(packed) NOT IN "  # noqa: S608
+            f"({', '.join(str(8 * w) for w in widths)})"
+        ).scalar()
+        if others:
+            raise ValueError(
+                f"{others} usage_state rows are of another width: the database and the code "
+                "are at different migrations (run `metering db upgrade`)"
+            )
+        for width in widths:
+            scope, entity, packed = bulk.select_packed(
+                conn,
+                "SELECT scope, entity_id, packed FROM usage_state "  # noqa: S608
+                f"WHERE length(packed) = {8 * width}",
+                width,
+            )
+            idx = book.add(codes(scope, entity), 0)
+            book.state[idx] = packed[:, state.STATE_COLUMNS]
+            book.rows[0, idx] = packed[:, state.MINUTE_COLUMNS]
+            book.rows[1:, idx, R_START] = packed[:, state.STARTS_COLUMNS].T
+            if width > len(state.FIELDS):
+                book.held[idx] = packed[:, state.HELD_COLUMNS]
         # (A minute row with no counted second, as migration 0012 packs one whose extremes
         # were NULL, does not exist.)
         no_minute = book.rows[0, : book.size, R_PEAK] < 0
@@ -425,11 +452,11 @@ class Aggregator:
         every = np.arange(book.size)
         for u in range(1, len(UNITS)):
             at = every[book.rows[u, : book.size, R_START] >= 0]
-            unit = np.full(len(at), u + 1, np.int64)
-            wanted = np.column_stack([*split(book.codes[at]), unit, book.rows[u, at, R_START]])
+            wanted = np.column_stack([*split(book.codes[at]), book.rows[u, at, R_START]])
             rows = bulk.select_matching(
-                conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], wanted=wanted
-            )
+                conn, "usage_rollups", columns=ROW_COLUMNS, keys=("scope", "entity_id",
+                "period_start"), wanted=wanted, where=f"r.unit = {u + 1}",
+            )  # fmt: skip
             book.rows[u, book.find(codes(rows[:, 0], rows[:, 1]))] = rows[:, 3:]
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
@@ -445,35 +472,82 @@ class Aggregator:
     def _write(
         self, conn: Connection, folder: Folder, horizons: Mapping[int, int]
     ) -> tuple[int, int]:
-        """The changed states (with their latest minute rows' extremes), the starts of the
-        entities' latest rows where one began, the changed hour, day and month rows, and the
-        rows that closed (minute rows move to ``usage_rollups`` then); a closed row older than
-        its unit's retention horizon is dropped, not written back."""
+        """The changed state rows (each with its latest minute row, its latest rows' starts and
+        the closed minute row it holds, if any: ``state``), the changed hour, day and month
+        rows, the hour, day and month rows that closed, and the minute rows that move to
+        ``usage_rollups`` (``_minute_rows``); a closed row older than its unit's retention
+        horizon is dropped, not written back."""
         book = folder.book
+        minutes = _row_matrix(self._minute_rows(folder), horizons)
         idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
         begun = book.dirty_starts[idx]
         assert (book.rows[:, idx[begun], R_START] >= 0).all(), "a row began for every unit"
-        packed = np.empty((len(idx), len(state.FIELDS)), dtype=np.int64)
+        packed = np.empty((len(idx), len(state.FIELDS) + len(state.HELD_ROW)), dtype=np.int64)
         packed[:, state.STATE_COLUMNS] = book.state[idx]
         packed[:, state.MINUTE_COLUMNS] = book.rows[0, idx]
         packed[:, state.STARTS_COLUMNS] = book.rows[1:, idx, R_START].T
+        packed[:, state.HELD_COLUMNS] = book.held[idx]
+        holding = book.held[idx, R_START] >= 0
         scope, entity = split(book.codes[idx])
+        narrow = len(state.FIELDS)
+        records = [
+            (scope[~holding], entity[~holding], packed[~holding, :narrow]),
+            (scope[holding], entity[holding], packed[holding]),
+        ]
         parts = [
             (u, book.codes[iu], book.rows[u, iu])
             for u in range(1, len(UNITS))
             for iu in [np.nonzero(book.dirty_rows[u, : book.size])[0]]
         ]
-        # Minute rows were only ever in the state: once closed they are new to usage_rollups
+        # Minute rows were only ever in the state: once moved they are new to usage_rollups
         # (inserted). The other units' rows may be there already (merged).
-        minutes = _row_matrix([(u, c, r) for u, c, r in folder.closed if u == 0], horizons)
         rows = _row_matrix([*parts, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
-        bulk.replace_packed(conn, "usage_state", scope=scope, entity=entity, packed=packed)
+        bulk.replace_packed(conn, "usage_state", records)
         for block, new in ((minutes, True), (rows, False)):
             bulk.upsert_array(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
                 merge=_ROW_MERGE, new=new,
             )  # fmt: skip
         return len(packed), len(minutes) + len(rows)
+
+    def _minute_rows(self, folder: Folder) -> list[tuple[int, Ints, Ints]]:
+        """The minute rows to write to usage_rollups now (as ``_row_matrix`` parts).
+
+        Each entity's latest minute row that closed this cycle is held in its state row
+        (``Book.held``), so that a minute's first cycle, which closes every busy entity's
+        minute row, does not write them all to usage_rollups as well. What goes there: any
+        row the entity held already and the others it closed this cycle (a cycle that crossed
+        several minutes), then the oldest held rows, up to ``held_moved`` or a sixth of them
+        (``held_share``).
+        The entities whose held row moves are written back without it, in the same
+        transaction: a closed row is in usage_rollups or in its state row, never in both."""
+        book = folder.book
+        out: list[tuple[int, Ints, Ints]] = []
+        closed = [(c, r) for u, c, r in folder.closed if u == 0]
+        if closed:
+            code = np.concatenate([c for c, _ in closed])
+            rows = np.concatenate([r for _, r in closed])
+            idx = book.find(code)
+            # folder.closed is in time order: an entity's last row in it is its latest.
+            _, first_from_end = np.unique(idx[::-1], return_index=True)
+            last = len(idx) - 1 - first_from_end
+            earlier = np.ones(len(idx), dtype=np.bool_)
+            earlier[last] = False
+            out.append((0, code[earlier], rows[earlier]))
+            latest = idx[last]
+            had = latest[book.held[latest, R_START] >= 0]
+            out.append((0, book.codes[had], book.held[had].copy()))
+            book.held[latest] = rows[last]
+            book.dirty_state[latest] = True
+        held = np.nonzero(book.held[: book.size, R_START] >= 0)[0]
+        share = -(-len(held) // self.held_share) if self.held_share else 0
+        budget = max(self.held_moved, share)
+        if len(held) > budget:
+            held = held[np.argsort(book.held[held, R_START], kind="stable")[:budget]]
+        out.append((0, book.codes[held], book.held[held].copy()))
+        book.held[held, R_START] = -1
+        book.dirty_state[held] = True
+        return out
 
     def _write_marks(
         self, conn: Connection, loaded: _Loaded, dirty: set[tuple[str, str]], second: int

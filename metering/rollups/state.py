@@ -6,7 +6,12 @@ Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes
   seen (``fold.S_*``);
 - its latest minute row, whole (``fold.R_*``: its start, the values carried in and totals at
   its start, its extremes so far);
-- where its latest hour, day and month rows start.
+- where its latest hour, day and month rows start;
+- and, for a while after a minute ends for the entity, the minute row that closed
+  (``HELD_ROW``, laid out as the minute row): a row becomes 480 bytes instead of 312. The
+  aggregator moves held rows to ``usage_rollups`` a share per cycle, so that a minute's first
+  cycle, which closes every busy entity's minute row at once, does not also write them all
+  there; a held row is the entity's, read with its other minute rows, until then.
 
 Migration 0012 packed what were 23 columns of ``usage_state`` and 20 of ``usage_starts``.
 On Postgres every column of a rewritten row costs its share of the UPDATE, whether it changed
@@ -23,11 +28,9 @@ Postgres can read a field itself: field ``i`` is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from metering.rollups.models import COUNTERS
 
@@ -39,38 +42,38 @@ STATE = ("conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS)
 MINUTE_ROW = ("minute", *(f"minute_{c}" for c in _ROW))
 COARSER_STARTS = ("hour", "day", "month")
 FIELDS = (*STATE, *MINUTE_ROW, *COARSER_STARTS)
+HELD_ROW = ("held", *(f"held_{c}" for c in _ROW))
 WIDTH = 8 * len(FIELDS)
+HELD_WIDTH = WIDTH + 8 * len(HELD_ROW)  # a row that holds a closed minute row
 DTYPE = np.dtype(">i8")
-_AT = {name: i for i, name in enumerate(FIELDS)}
+_AT = {name: i for i, name in enumerate((*FIELDS, *HELD_ROW))}
 # Where each part lies in a packed matrix's columns.
 STATE_COLUMNS = slice(0, len(STATE))
 MINUTE_COLUMNS = slice(len(STATE), len(STATE) + len(MINUTE_ROW))
 STARTS_COLUMNS = slice(len(STATE) + len(MINUTE_ROW), len(FIELDS))
+HELD_COLUMNS = slice(len(FIELDS), len(FIELDS) + len(HELD_ROW))
 
 
 def column(name: str) -> int:
     return _AT[name]
 
 
-def unpack(blobs: Sequence[bytes]) -> npt.NDArray[np.int64]:
-    """The packed values of ``blobs`` as an int64 matrix (a row per blob, ``FIELDS``)."""
-    for blob in blobs:
-        if len(blob) != WIDTH:
-            raise ValueError(
-                f"a usage_state row holds {len(blob)} bytes, not {WIDTH}: "
-                "the database and the code are at different migrations (`metering db upgrade`)"
-            )
-    data = b"".join(blobs)
-    return np.frombuffer(data, dtype=DTYPE).reshape(len(blobs), len(FIELDS)).astype(np.int64)
-
-
 def as_mapping(blob: bytes) -> dict[str, Any]:
-    """One entity's fields by name, None where there is no such row (its start is -1: the
-    minute row's every field, or that unit's start)."""
-    values = unpack([blob])[0].tolist()
-    out: dict[str, Any] = dict(zip(FIELDS, values, strict=True))
+    """One entity's fields by name (``FIELDS``, then ``HELD_ROW``), None where there is no
+    such row (its start is -1: every field of the minute row or of the held row, or that
+    unit's start)."""
+    if len(blob) not in {WIDTH, HELD_WIDTH}:
+        raise ValueError(
+            f"a usage_state row holds {len(blob)} bytes, not {WIDTH} or {HELD_WIDTH}: the "
+            "database and the code are at different migrations (run `metering db upgrade`)"
+        )
+    values = np.frombuffer(blob, dtype=DTYPE).tolist()
+    out: dict[str, Any] = dict(zip((*FIELDS, *HELD_ROW), values, strict=False))
+    out.update(dict.fromkeys(HELD_ROW[len(values) - len(FIELDS) :]))
     if out["minute"] < 0 or out["minute_peak"] < 0:
         out.update(dict.fromkeys(MINUTE_ROW))
+    if out["held"] is not None and out["held"] < 0:
+        out.update(dict.fromkeys(HELD_ROW))
     for unit in COARSER_STARTS:
         if out[unit] < 0:
             out[unit] = None
@@ -78,8 +81,10 @@ def as_mapping(blob: bytes) -> dict[str, Any]:
 
 
 def pack(values: dict[str, int | None]) -> bytes:
-    """One entity's packed value from its fields by name (None or absent: no such row)."""
-    row = np.zeros(len(FIELDS), dtype=DTYPE)
+    """One entity's packed value from its fields by name (None or absent: no such row; with
+    a ``held`` start, the held row too)."""
+    held = values.get("held") is not None
+    row = np.zeros(len(FIELDS) + (len(HELD_ROW) if held else 0), dtype=DTYPE)
     for name in (*MINUTE_ROW[:1], "minute_peak", *COARSER_STARTS):
         row[_AT[name]] = -1
     for name, value in values.items():

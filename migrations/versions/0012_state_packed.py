@@ -12,7 +12,9 @@ minute its starts row was rewritten as well, in a second UPDATE. Measured on 120
 375 ms.
 
 NULL (no such row) becomes -1 in a start and in ``minute_peak``, as the aggregator holds it,
-and back on the way down. The rows are read, packed in Python and written back in batches:
+and back on the way down. From this version on, a state row may also hold a minute row that
+closed and is not in ``usage_rollups`` yet (``state.HELD_ROW``, 21 values more): the
+downgrade writes each such row to ``usage_rollups`` first, where the older code reads it. The rows are read, packed in Python and written back in batches:
 Stop the aggregation workers first; at 120 000 entities it takes a few seconds.
 """
 
@@ -45,6 +47,7 @@ STARTS = ("minute", "hour", "day", "month", *(f"minute_{c}" for c in _ROW[:-6]))
 FIELDS = (*STATE, "minute", *(f"minute_{c}" for c in _ROW), "hour", "day", "month")
 NO_ROW = -1  # in a start, and in minute_peak
 _FORMAT = struct.Struct(f">{len(FIELDS)}q")
+_HELD = struct.Struct(f">{1 + len(_ROW)}q")  # a held minute row: its start, then _ROW
 _KEYS = ("scope", "entity_id")
 _BATCH = 5_000
 
@@ -65,7 +68,7 @@ def _pack(row: Any) -> bytes:
 
 
 def _unpack(packed: bytes) -> dict[str, int | None]:
-    values = dict(zip(FIELDS, _FORMAT.unpack(packed), strict=True))
+    values = dict(zip(FIELDS, _FORMAT.unpack(packed[: _FORMAT.size]), strict=True))
     gone: set[str] = {u for u in ("hour", "day", "month") if values[u] < 0}
     if values["minute"] < 0:  # no minute row: every field of it
         gone |= {"minute", *(f"minute_{c}" for c in _ROW)}
@@ -110,6 +113,20 @@ def downgrade() -> None:
     conn = op.get_bind()
     packed = conn.execute(sa.text("SELECT scope, entity_id, packed FROM usage_state")).all()
     rows = [{"scope": s, "entity_id": e, **_unpack(bytes(p))} for s, e, p in packed]
+    held = []
+    for s, e, p in packed:
+        if len(p) == _FORMAT.size + _HELD.size:
+            start, *values = _HELD.unpack(bytes(p)[_FORMAT.size :])
+            if start >= 0:
+                held.append({"scope": s, "entity_id": e, "unit": 1, "period_start": start}
+                            | dict(zip(_ROW, values, strict=True)))  # fmt: skip
+    if held:
+        rollups = sa.table(
+            "usage_rollups",
+            *(sa.column(c) for c in ("scope", "entity_id", "unit", "period_start", *_ROW)),
+        )
+        for batch in _batches(held):
+            conn.execute(rollups.insert(), list(batch))
     op.drop_table("usage_state")
     state = op.create_table(
         "usage_state",

@@ -16,7 +16,7 @@ from metering.core.database import make_engine
 from metering.core.migrate import upgrade
 from metering.rollups import bulk
 from metering.rollups.service import _ROW_MERGE, ROW_COLUMNS
-from metering.rollups.state import FIELDS, pack
+from metering.rollups.state import FIELDS, HELD_ROW, HELD_WIDTH, WIDTH, as_mapping, pack
 from tests.scratch import scratch_database
 
 
@@ -57,10 +57,8 @@ def stored(engine: Engine) -> dict[int, list[int]]:
 def replace(engine: Engine, *entities: tuple[int, int]) -> None:
     ids = np.array([e for e, _ in entities], dtype=np.int64)
     with engine.begin() as conn:
-        bulk.replace_packed(
-            conn, "usage_state", scope=np.ones(len(ids), np.int64), entity=ids,
-            packed=states(*entities),
-        )  # fmt: skip
+        scope = np.ones(len(ids), np.int64)
+        bulk.replace_packed(conn, "usage_state", [(scope, ids, states(*entities))])
 
 
 def test_states_are_written_as_they_now_are_whether_or_not_they_were_there(
@@ -84,6 +82,35 @@ def test_states_are_written_as_they_now_are_whether_or_not_they_were_there(
         blob = conn.execute(text("SELECT packed FROM usage_state WHERE entity_id = 3")).scalar()
     assert bytes(blob) == pack(dict.fromkeys(FIELDS[:-1], 30) | {FIELDS[-1]: -30})
     assert bytes(blob)[:8] == (30).to_bytes(8, "big")
+
+
+def test_states_of_two_widths_go_in_one_write_and_read_back_each_as_written(
+    engine: Engine,
+) -> None:
+    """A state row holding a closed minute row is wider (``state.HELD_ROW``): both kinds in
+    one write, each read back whole, and a held row leaves when the row is written narrow."""
+    narrow = states((1, 10))
+    wide = np.concatenate([states((2, 20)), np.full((1, len(HELD_ROW)), 7)], axis=1)
+    ones = np.ones(1, np.int64)
+    with engine.begin() as conn:
+        bulk.replace_packed(
+            conn, "usage_state", [(ones, ones, narrow), (ones, ones + 1, wide)]
+        )  # fmt: skip
+    with engine.connect() as conn:
+        found = dict(conn.execute(text("SELECT entity_id, packed FROM usage_state")).all())
+    assert len(found[1]) == WIDTH
+    assert len(found[2]) == HELD_WIDTH
+    assert as_mapping(bytes(found[1]))["held"] is None
+    got = as_mapping(bytes(found[2]))
+    assert got["held"] == 7
+    assert got["held_ch_min"] == 7
+    assert got["conns"] == 20
+
+    with engine.begin() as conn:
+        bulk.replace_packed(conn, "usage_state", [(ones, ones + 1, narrow)])
+    with engine.connect() as conn:
+        again = conn.execute(text("SELECT packed FROM usage_state WHERE entity_id = 2")).scalar()
+    assert as_mapping(bytes(again))["held"] is None
 
 
 def test_a_state_of_another_width_is_refused_with_the_migration_to_run(engine: Engine) -> None:

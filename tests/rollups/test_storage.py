@@ -17,8 +17,10 @@ from sqlalchemy import Connection, create_engine, inspect, text
 
 from metering.core.migrate import alembic_config, upgrade
 from metering.rollups.marks import Marks
-from metering.rollups.state import as_mapping
+from metering.rollups.state import HELD_ROW, as_mapping, pack
 from tests.scratch import scratch_database
+
+_HELD = [c.removeprefix("held_") for c in HELD_ROW[1:]]
 
 
 def ints(*rows: object) -> np.ndarray:
@@ -406,8 +408,21 @@ def test_migration_0012_packs_the_state_and_starts_rows_into_one_value_and_back(
                 assert got["hour"] == (3600 if key == (2, 9) else 0 if key == (1, 7) else None)
                 assert got["day"] == (0 if key == (1, 7) else None)
 
+            # A state row holding a closed minute row (what the aggregator writes from 0012
+            # on): the downgrade puts that row in usage_rollups, where the older code reads it.
+            with engine.begin() as conn:
+                wide = dict(found[(1, 7)]) | {"held": 60} | {f"held_{c}": 1 for c in _HELD}
+                conn.execute(
+                    text("UPDATE usage_state SET packed = :p WHERE entity_id = 7"),
+                    {"p": pack(wide)},
+                )
             command.downgrade(cfg, "0011")
             with engine.connect() as conn:
+                minute_rows = conn.execute(
+                    text("SELECT scope, entity_id, unit, period_start, pub_n0, ch_min "
+                         "FROM usage_rollups")
+                ).all()  # fmt: skip
+                assert [tuple(r) for r in minute_rows] == [(1, 7, 1, 60, 1, 1)]
                 back = {
                     (r[0], r[1]): tuple(r[2:])
                     for r in conn.execute(
