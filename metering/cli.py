@@ -59,7 +59,6 @@ ByOption = Annotated[
     str | None,
     typer.Option("--by", help="Who makes the change, as recorded (default: your OS user)."),
 ]
-# Ids are 32-bit integer columns: a larger one names nothing (and Postgres refuses to compare).
 
 
 def fail(message: str, code: int = 1) -> None:

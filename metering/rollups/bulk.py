@@ -29,10 +29,9 @@ from sqlalchemy import (
 
 from metering.core.database import Base
 from metering.core.logging import get_logger
+from metering.rollups.fold import Ints
 
 log = get_logger(__name__)
-
-Ints = npt.NDArray[np.int64]
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # header: no flags, no extension
 _TRAILER = struct.pack(">h", -1)

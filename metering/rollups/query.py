@@ -118,8 +118,8 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
     state = entity_state.as_mapping(bytes(packed)) if packed is not None else None
     # The entity's minute rows not in usage_rollups yet: the closed one its state row holds
     # (older), then its latest.
-    held = [_minute_row(state, "held"), _minute_row(state, "minute")] if unit is Unit.MINUTE else []
-    for extra in held:
+    in_state = [_minute_row(state, p) for p in ("held", "minute")] if unit is Unit.MINUTE else []
+    for extra in in_state:
         if extra is None:
             continue
         start = extra["period_start"]

@@ -482,17 +482,11 @@ class Aggregator:
         idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
         begun = book.dirty_starts[idx]
         assert (book.rows[:, idx[begun], R_START] >= 0).all(), "a row began for every unit"
-        packed = np.empty((len(idx), len(state.FIELDS) + len(state.HELD_ROW)), dtype=np.int64)
-        packed[:, state.STATE_COLUMNS] = book.state[idx]
-        packed[:, state.MINUTE_COLUMNS] = book.rows[0, idx]
-        packed[:, state.STARTS_COLUMNS] = book.rows[1:, idx, R_START].T
-        packed[:, state.HELD_COLUMNS] = book.held[idx]
+        # A row that holds a closed minute row is written wider, with it.
         holding = book.held[idx, R_START] >= 0
-        scope, entity = split(book.codes[idx])
-        narrow = len(state.FIELDS)
         records = [
-            (scope[~holding], entity[~holding], packed[~holding, :narrow]),
-            (scope[holding], entity[holding], packed[holding]),
+            (*split(book.codes[ix]), _packed(book, ix, wide=wide))
+            for wide, ix in ((False, idx[~holding]), (True, idx[holding]))
         ]
         parts = [
             (u, book.codes[iu], book.rows[u, iu])
@@ -508,7 +502,7 @@ class Aggregator:
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
                 merge=_ROW_MERGE, new=new,
             )  # fmt: skip
-        return len(packed), len(minutes) + len(rows)
+        return len(idx), len(minutes) + len(rows)
 
     def _minute_rows(self, folder: Folder) -> list[tuple[int, Ints, Ints]]:
         """The minute rows to write to usage_rollups now (as ``_row_matrix`` parts).
@@ -536,7 +530,7 @@ class Aggregator:
             out.append((0, code[earlier], rows[earlier]))
             latest = idx[last]
             had = latest[book.held[latest, R_START] >= 0]
-            out.append((0, book.codes[had], book.held[had].copy()))
+            out.append((0, book.codes[had], book.held[had]))  # (indexing copies)
             book.held[latest] = rows[last]
             book.dirty_state[latest] = True
         held = np.nonzero(book.held[: book.size, R_START] >= 0)[0]
@@ -544,7 +538,7 @@ class Aggregator:
         budget = max(self.held_moved, share)
         if len(held) > budget:
             held = held[np.argsort(book.held[held, R_START], kind="stable")[:budget]]
-        out.append((0, book.codes[held], book.held[held].copy()))
+        out.append((0, book.codes[held], book.held[held]))
         book.held[held, R_START] = -1
         book.dirty_state[held] = True
         return out
@@ -567,6 +561,19 @@ class Aggregator:
             conn, "usage_marks", columns=columns, keys=columns[:2], rows=rows,
             merge={c: f"excluded.{c}" for c in columns[2:]},
         )  # fmt: skip
+
+
+def _packed(book: Book, idx: Ints, *, wide: bool) -> Ints:
+    """The entities' ``usage_state.packed`` values as an int64 matrix (``state.FIELDS``, then
+    with ``wide`` the minute row each holds, ``state.HELD_ROW``)."""
+    fields = len(state.FIELDS) + (len(state.HELD_ROW) if wide else 0)
+    packed = np.empty((len(idx), fields), dtype=np.int64)
+    packed[:, state.STATE_COLUMNS] = book.state[idx]
+    packed[:, state.MINUTE_COLUMNS] = book.rows[0, idx]
+    packed[:, state.STARTS_COLUMNS] = book.rows[1:, idx, R_START].T
+    if wide:
+        packed[:, state.HELD_COLUMNS] = book.held[idx]
+    return packed
 
 
 def _row_matrix(parts: list[tuple[int, Ints, Ints]], horizons: Mapping[int, int]) -> Ints:
