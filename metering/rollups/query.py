@@ -427,11 +427,13 @@ def month_usage(
         "usage_rollups",
         ("entity_id", "period_start", *_MONTH_COLUMNS),
     )
+    # The state's fields only: a row that holds a closed minute row is wider (``HELD_ROW``).
+    width = len(entity_state.FIELDS)
     _, entity, packed = bulk.select_packed(
         conn,
-        f"SELECT scope, entity_id, packed FROM usage_state WHERE scope = {int(scope)} "  # noqa: S608
-        "ORDER BY entity_id",
-        len(entity_state.FIELDS),
+        f"SELECT scope, entity_id, substr(packed, 1, {8 * width}) FROM usage_state "  # noqa: S608
+        f"WHERE scope = {int(scope)} ORDER BY entity_id",
+        width,
     )
     states = np.column_stack([entity, packed[:, [entity_state.column(c) for c in _STATE_COLUMNS]]])
     ids = np.union1d(np.union1d(rows[:, 0], nxt[:, 0]), states[:, 0])

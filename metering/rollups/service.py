@@ -77,11 +77,10 @@ _ROW_MERGE = {
     "ch_min": "{least}({t}.ch_min, excluded.ch_min)",
 }
 _FROM_FRONTEND = [COUNTERS.index(c) for c in FRONTEND_COUNTERS]
-# Closed minute rows held in the state rows (``state.HELD_ROW``) that a cycle moves to
-# usage_rollups: all of them up to this many, else the oldest sixth of them (a minute's
-# first cycle holds every busy entity's; five more cycles move them, well inside the minute).
-HELD_MOVED = 20_000
-HELD_SHARE = 6
+# A closed minute row held in its state row (``state.HELD_ROW``) has moved to usage_rollups
+# this many counted seconds after its minute ended: a minute's first cycle holds every busy
+# entity's, and the next cycles until then (five, at the 5 s default) move a like share each.
+HELD_WITHIN = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +133,13 @@ class Aggregator:
         *,
         max_samples: int = 3600,
         on_accounts: AccountsHook | None = None,
-        held_moved: int = HELD_MOVED,
-        held_share: int = HELD_SHARE,
+        held_within: int | None = HELD_WITHIN,
     ) -> None:
         self.engine = engine
-        # Closed minute rows moved from the state rows per cycle: up to ``held_moved``, or
-        # ``1/held_share`` of them if more (0: none but those the next closed row replaces).
-        self.held_moved = held_moved
-        self.held_share = held_share
+        # Counted seconds after its minute's end by which a closed minute row held in its
+        # state row has moved to usage_rollups (0: in the cycle that closed it; None: only when
+        # the entity's next minute row closes).
+        self.held_within = held_within
         self.on_accounts = on_accounts
         self.global_store = global_store
         self.datacenters = datacenters
@@ -239,7 +237,9 @@ class Aggregator:
                 return CycleResult(committed=False, second=watermark, reason="nothing new"), []
 
             horizons = {int(k): int(v) for k, v in json.loads(cursor.horizons or "{}").items()}
-            states_written, rows_written = self._write(conn, folder, horizons)
+            states_written, rows_written = self._write(
+                conn, folder, horizons, watermark, counted_upto
+            )
             new_gaps = loaded.coverage.gaps()[gaps_before:]
             if new_gaps:
                 bulk.upsert(
@@ -470,15 +470,21 @@ class Aggregator:
         return self._loaded
 
     def _write(
-        self, conn: Connection, folder: Folder, horizons: Mapping[int, int]
+        self,
+        conn: Connection,
+        folder: Folder,
+        horizons: Mapping[int, int],
+        before: int | None,
+        now: int | None,
     ) -> tuple[int, int]:
         """The changed state rows (each with its latest minute row, its latest rows' starts and
         the closed minute row it holds, if any: ``state``), the changed hour, day and month
         rows, the hour, day and month rows that closed, and the minute rows that move to
-        ``usage_rollups`` (``_minute_rows``); a closed row older than its unit's retention
+        ``usage_rollups`` (``_minute_rows``, the cycle having counted the seconds after
+        ``before`` through ``now``); a closed row older than its unit's retention
         horizon is dropped, not written back."""
         book = folder.book
-        minutes = _row_matrix(self._minute_rows(folder), horizons)
+        minutes = _row_matrix(self._minute_rows(folder, before, now), horizons)
         idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
         begun = book.dirty_starts[idx]
         assert (book.rows[:, idx[begun], R_START] >= 0).all(), "a row began for every unit"
@@ -504,19 +510,23 @@ class Aggregator:
             )  # fmt: skip
         return len(idx), len(minutes) + len(rows)
 
-    def _minute_rows(self, folder: Folder) -> list[tuple[int, Ints, Ints]]:
+    def _minute_rows(
+        self, folder: Folder, before: int | None, now: int | None
+    ) -> list[tuple[int, Ints, Ints]]:
         """The minute rows to write to usage_rollups now (as ``_row_matrix`` parts).
 
         Each entity's latest minute row that closed this cycle is held in its state row
         (``Book.held``), so that a minute's first cycle, which closes every busy entity's
         minute row, does not write them all to usage_rollups as well. What goes there: any
         row the entity held already and the others it closed this cycle (a cycle that crossed
-        several minutes), then the oldest held rows, up to ``held_moved`` or a sixth of them
-        (``held_share``).
+        several minutes); then, of the rows held before this cycle, a share: each is due
+        ``held_within`` counted seconds after its minute's end, and moves with the share of
+        the time left until then that this cycle counted (oldest first; every row past due).
         The entities whose held row moves are written back without it, in the same
         transaction: a closed row is in usage_rollups or in its state row, never in both."""
         book = folder.book
         out: list[tuple[int, Ints, Ints]] = []
+        held = book.held[: book.size, R_START] >= 0
         closed = [(c, r) for u, c, r in folder.closed if u == 0]
         if closed:
             code = np.concatenate([c for c, _ in closed])
@@ -529,18 +539,26 @@ class Aggregator:
             earlier[last] = False
             out.append((0, code[earlier], rows[earlier]))
             latest = idx[last]
-            had = latest[book.held[latest, R_START] >= 0]
+            had = latest[held[latest]]
             out.append((0, book.codes[had], book.held[had]))  # (indexing copies)
             book.held[latest] = rows[last]
             book.dirty_state[latest] = True
-        held = np.nonzero(book.held[: book.size, R_START] >= 0)[0]
-        share = -(-len(held) // self.held_share) if self.held_share else 0
-        budget = max(self.held_moved, share)
-        if len(held) > budget:
-            held = held[np.argsort(book.held[held, R_START], kind="stable")[:budget]]
-        out.append((0, book.codes[held], book.held[held]))
-        book.held[held, R_START] = -1
-        book.dirty_state[held] = True
+        if self.held_within is None or now is None:
+            return out
+        due_at = book.held[: book.size, R_START] + 60 + self.held_within
+        movable = held  # held before this cycle, and any closed this cycle already due
+        if closed:
+            movable[latest] = due_at[latest] <= now
+        candidates = np.flatnonzero(movable)
+        counted_from = now - 1 if before is None else before
+        # Each row's share of what is left to move by its due second, counted this cycle.
+        left = np.maximum(due_at[candidates] - counted_from, 1)
+        budget = int(np.ceil(np.minimum((now - counted_from) / left, 1.0).sum() - 1e-9))
+        if budget < len(candidates):
+            candidates = candidates[np.argsort(due_at[candidates], kind="stable")[:budget]]
+        out.append((0, book.codes[candidates], book.held[candidates]))
+        book.held[candidates, R_START] = -1
+        book.dirty_state[candidates] = True
         return out
 
     def _write_marks(
