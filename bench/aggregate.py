@@ -40,9 +40,10 @@ size (its buffers, the CPU's caches), and the cycle can do no better than it.
 
     python bench/aggregate.py [--apps 1000 10000 100000] [--repeat 3] [--profile]
 
---profile times the largest size's new-minute cycle per stage, and adds an all-changed and a
-10 %-changed cycle timed per stage
-(with the garbage collector's share) and an all-changed one under cProfile.
+--profile times each size's first new-minute cycle per stage, and adds an all-changed and a
+10 %-changed cycle timed per stage, then prints each stage's growth per app from one size to
+the next (what grows faster than the apps); the largest size's stage tables (with the
+garbage collector's share) and an all-changed cycle under cProfile follow.
 """
 
 from __future__ import annotations
@@ -335,6 +336,8 @@ class Figures:
     cold: CycleResult
     new_minutes: list[CycleResult]
     profile: str = ""
+    # With --profile: each profiled kind of cycle's seconds per stage.
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def median_cycle(results: list[CycleResult]) -> CycleResult:
@@ -352,7 +355,9 @@ def describe(r: CycleResult) -> str:
     )
 
 
-def measure(w: World, repeat: int, profile: bool) -> Figures:
+def measure(w: World, repeat: int, profile: bool, report: bool) -> Figures:
+    """The figures at one size; with ``profile``, cycles timed per stage too (their tables in
+    the figures' ``profile`` only with ``report``: the largest size's)."""
     # Consecutive seconds: the first tick and the swing at the end of the minute before the
     # measured one; in the measured minute, a warm-up cycle (it opens the minute's rows), the
     # steady cycles and the cold one; then the new-minute cycle across BOUNDARY (its last 2
@@ -396,9 +401,13 @@ def measure(w: World, repeat: int, profile: bool) -> Figures:
     cold = w.cycle(agg, seconds(), 1.0)
     progress(f"[{w.apps} apps] cold (a fresh Aggregator), 100% changed: {describe(cold)}")
 
-    new_minutes, staged = new_minute_cycles(w, agg, clock, repeat, profile)
-    report = staged + profile_cycles(w, agg, seconds) if profile else ""
-    return Figures(first, steady_all, steady_some, cold, new_minutes, report)
+    stages: dict[str, dict[str, float]] = {}
+    new_minutes, staged = new_minute_cycles(w, agg, clock, repeat, stages if profile else None)
+    if profile:
+        staged += profile_cycles(w, agg, seconds, stages, cprofile=report)
+    return Figures(
+        first, steady_all, steady_some, cold, new_minutes, staged if report else "", stages
+    )
 
 
 @dataclass
@@ -413,11 +422,15 @@ class Clock:
 
 
 def new_minute_cycles(
-    w: World, agg: Aggregator, clock: Clock, repeat: int, profile: bool
+    w: World,
+    agg: Aggregator,
+    clock: Clock,
+    repeat: int,
+    stages: dict[str, dict[str, float]] | None,
 ) -> tuple[list[CycleResult], str]:
     """One new-minute cycle per minute boundary from BOUNDARY on (the seconds between them
     ticked with nothing changed, aggregated unmeasured), up to ``repeat`` of them or BUDGET;
-    with ``profile``, the first one timed per stage."""
+    with ``stages``, the first one timed per stage (into it, and its table returned)."""
     new_minutes: list[CycleResult] = []
     staged = ""
     while len(new_minutes) < repeat and sum(r.duration for r in new_minutes) < BUDGET:
@@ -430,9 +443,10 @@ def new_minute_cycles(
             idle = boundary - 3 - clock.now
         crossing = clock.seconds()
         assert crossing[0] < boundary <= crossing[-1], crossing
-        if profile and not new_minutes:
+        if stages is not None and not new_minutes:
             title = f"new minute at {w.apps} apps, 100% changed"
-            r, staged = timed_stages(lambda c=crossing: w.cycle(agg, c, 1.0), title)
+            r, staged, own = timed_stages(lambda c=crossing: w.cycle(agg, c, 1.0), title)
+            stages["new minute"] = own
         else:
             r = w.cycle(agg, crossing, 1.0)
         new_minutes.append(r)
@@ -516,8 +530,10 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
 ]
 
 
-def timed_stages(cycle: Callable[[], CycleResult], title: str) -> tuple[CycleResult, str]:
-    """Run one cycle with each stage timed; the result and the table."""
+def timed_stages(
+    cycle: Callable[[], CycleResult], title: str
+) -> tuple[CycleResult, str, dict[str, float]]:
+    """Run one cycle with each stage timed; the result, the table and each stage's seconds."""
     out = io.StringIO()
     widths = (62, 10, 8, 10)
     stages = Stages()
@@ -537,17 +553,28 @@ def timed_stages(cycle: Callable[[], CycleResult], title: str) -> tuple[CycleRes
     total_gc = sum(stages.gc.values())
     out.write(f"\ngarbage collection in all: {total_gc * 1000:.0f} ms")
     out.write(f" ({total_gc / r.duration:.0%})\n")
-    return r, out.getvalue()
+    return r, out.getvalue(), dict(stages.own)
 
 
-def profile_cycles(w: World, agg: Aggregator, seconds: Callable[[], list[int]]) -> str:
-    """Three more steady cycles: every app changed and 10 % changed, each timed per stage
-    (the second shows what costs in proportion to all apps, not to the changed ones), then
-    every app changed again under cProfile."""
+def profile_cycles(
+    w: World,
+    agg: Aggregator,
+    seconds: Callable[[], list[int]],
+    stages: dict[str, dict[str, float]],
+    *,
+    cprofile: bool,
+) -> str:
+    """Two more steady cycles: every app changed and 10 % changed, each timed per stage
+    (the second shows what costs in proportion to all apps, not to the changed ones; both
+    into ``stages``), then with ``cprofile`` every app changed again under cProfile."""
     out = io.StringIO()
     for share in (1.0, 0.1):
         title = f"{w.apps} apps, steady, {share:.0%} changed"
-        out.write(timed_stages(lambda s=share: w.cycle(agg, seconds(), s), title)[1])
+        _, table, own = timed_stages(lambda s=share: w.cycle(agg, seconds(), s), title)
+        out.write(table)
+        stages[f"{share:.0%} changed"] = own
+    if not cprofile:
+        return out.getvalue()
 
     profiler = cProfile.Profile()
     for s in seconds():
@@ -596,6 +623,30 @@ def print_growth(figures: dict[int, Figures], baselines: dict[int, float]) -> No
         print(f"  {apps:>7} apps: {ours:6.2f} µs per app; baseline {theirs:6.2f} µs per row")
 
 
+def print_stage_growth(figures: dict[int, Figures]) -> None:
+    """Per kind of profiled cycle, each stage's milliseconds at each size and its growth per
+    app from one size to the next (1.0: in proportion to the apps; above: faster)."""
+    sizes = list(figures)
+    for kind in figures[sizes[-1]].stages:
+        per_size = [figures[n].stages.get(kind, {}) for n in sizes]
+        names = sorted(per_size[-1], key=lambda k: -per_size[-1][k])
+        steps = list(itertools.pairwise(range(len(sizes))))
+        widths = (62, *(12,) * len(sizes), *(22,) * len(steps))
+        print(f"\nstages of the profiled {kind} cycle at each size, and their growth per app")
+        header = [f"{n} apps" for n in sizes]
+        header += [f"per app {sizes[a]}->{sizes[b]}" for a, b in steps]
+        print(row("stage (own time, ms)", *header, widths=widths))
+        for name in [*names, "all"]:
+            t = [sum(p.values()) if name == "all" else p.get(name, 0.0) for p in per_size]
+            if name != "all" and t[-1] < 0.01 * sum(per_size[-1].values()):
+                continue  # under 1 % of the cycle
+            cells = [f"{x * 1000:.0f}" for x in t]
+            for a, b in steps:
+                grew = t[b] / t[a] / (sizes[b] / sizes[a]) if t[a] > 0 else float("nan")
+                cells.append(f"x{grew:.2f}")
+            print(row(name, *cells, widths=widths))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -603,7 +654,11 @@ def main() -> None:
     parser.add_argument("--apps", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--repeat", type=int, default=3, choices=range(1, 5))
     parser.add_argument("--baseline-rows", type=int, default=100_000)
-    parser.add_argument("--profile", action="store_true", help="profile the largest size")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="time every size's cycles per stage (the tables and cProfile: the largest's)",
+    )
     args = parser.parse_args()
     exit_on_sigterm()
     configure("WARNING")  # not a line per cycle; warnings (lost samples, gaps) still show
@@ -625,7 +680,7 @@ def main() -> None:
     figures: dict[int, Figures] = {}
     for apps in args.apps:
         with world(client, apps, rng) as w:
-            figures[apps] = measure(w, args.repeat, args.profile and apps == max(args.apps))
+            figures[apps] = measure(w, args.repeat, args.profile, apps == max(args.apps))
 
     n = args.baseline_rows
     print(f"\nbaseline: COPY of {n} rows shaped like usage_rollups + one merge + commit")
@@ -648,6 +703,8 @@ def main() -> None:
         print(row(apps, *(ms(c.duration) for c in cells), ms(f.cold.duration), widths=widths))
 
     print_growth(figures, scaled)
+    if args.profile:
+        print_stage_growth(figures)
 
     largest = max(figures)
     f = figures[largest]

@@ -269,7 +269,9 @@ def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[s
 
     def replace_packed(rows: Ints) -> None:
         with engine.begin() as sa:
-            bulk.replace_packed(sa, PACKED_TABLE, [(rows[:, 0], rows[:, 1], rows[:, 2:])])
+            bulk.replace_packed(
+                sa, PACKED_TABLE, [(rows[:, 0], rows[:, 1], bulk.Packed.of(rows[:, 2:]))]
+            )
 
     return {
         "1 baseline: COPY text + merge": Method("columns", copy_text),

@@ -22,8 +22,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Connection, Engine, select, text, update
 
 from metering.accounts.models import App
@@ -581,17 +583,20 @@ class Aggregator:
         )  # fmt: skip
 
 
-def _packed(book: Book, idx: Ints, *, wide: bool) -> Ints:
-    """The entities' ``usage_state.packed`` values as an int64 matrix (``state.FIELDS``, then
-    with ``wide`` the minute row each holds, ``state.HELD_ROW``)."""
+def _packed(book: Book, idx: Ints, *, wide: bool) -> bulk.Packed:
+    """The entities' ``usage_state.packed`` values (``state.FIELDS``, then with ``wide`` the
+    minute row each holds, ``state.HELD_ROW``), gathered from the book a chunk at a time."""
     fields = len(state.FIELDS) + (len(state.HELD_ROW) if wide else 0)
-    packed = np.empty((len(idx), fields), dtype=np.int64)
-    packed[:, state.STATE_COLUMNS] = book.state[idx]
-    packed[:, state.MINUTE_COLUMNS] = book.rows[0, idx]
-    packed[:, state.STARTS_COLUMNS] = book.rows[1:, idx, R_START].T
-    if wide:
-        packed[:, state.HELD_COLUMNS] = book.held[idx]
-    return packed
+
+    def fill(out: npt.NDArray[Any], at: slice) -> None:
+        ix = idx[at]
+        out[:, state.STATE_COLUMNS] = book.state[ix]
+        out[:, state.MINUTE_COLUMNS] = book.rows[0, ix]
+        out[:, state.STARTS_COLUMNS] = book.rows[1:, ix, R_START].T
+        if wide:
+            out[:, state.HELD_COLUMNS] = book.held[ix]
+
+    return bulk.Packed(fields, len(idx), fill)
 
 
 def _row_matrix(parts: list[tuple[int, Ints, Ints]], horizons: Mapping[int, int]) -> Ints:

@@ -58,7 +58,7 @@ def replace(engine: Engine, *entities: tuple[int, int]) -> None:
     ids = np.array([e for e, _ in entities], dtype=np.int64)
     with engine.begin() as conn:
         scope = np.ones(len(ids), np.int64)
-        bulk.replace_packed(conn, "usage_state", [(scope, ids, states(*entities))])
+        bulk.replace_packed(conn, "usage_state", [(scope, ids, bulk.Packed.of(states(*entities)))])
 
 
 def test_states_are_written_as_they_now_are_whether_or_not_they_were_there(
@@ -94,7 +94,8 @@ def test_states_of_two_widths_go_in_one_write_and_read_back_each_as_written(
     ones = np.ones(1, np.int64)
     with engine.begin() as conn:
         bulk.replace_packed(
-            conn, "usage_state", [(ones, ones, narrow), (ones, ones + 1, wide)]
+            conn, "usage_state",
+            [(ones, ones, bulk.Packed.of(narrow)), (ones, ones + 1, bulk.Packed.of(wide))],
         )  # fmt: skip
     with engine.connect() as conn:
         found = dict(conn.execute(text("SELECT entity_id, packed FROM usage_state")).all())
@@ -107,7 +108,7 @@ def test_states_of_two_widths_go_in_one_write_and_read_back_each_as_written(
     assert got["conns"] == 20
 
     with engine.begin() as conn:
-        bulk.replace_packed(conn, "usage_state", [(ones, ones + 1, narrow)])
+        bulk.replace_packed(conn, "usage_state", [(ones, ones + 1, bulk.Packed.of(narrow))])
     with engine.connect() as conn:
         again = conn.execute(text("SELECT packed FROM usage_state WHERE entity_id = 2")).scalar()
     assert as_mapping(bytes(again))["held"] is None
@@ -125,9 +126,12 @@ def test_a_state_of_another_width_is_refused_with_the_migration_to_run(engine: E
 
 def test_a_binary_copy_reads_back_as_the_matrix_it_was_built_from() -> None:
     rng = np.random.default_rng(7)
-    rows = rng.integers(-(2**62), 2**62, size=(1000, 5), dtype=np.int64)
+    # Over two chunks' worth, and a part of one: the chunks join into one COPY.
+    rows = rng.integers(-(2**62), 2**62, size=(2 * bulk.CHUNK_ROWS + 3, 5), dtype=np.int64)
     rows[0] = [0, -1, 1, np.iinfo(np.int64).min, np.iinfo(np.int64).max]
-    assert (bulk.parse_binary_copy(bytes(bulk.binary_copy(rows)), [8] * 5) == rows).all()
+    chunks = list(bulk.binary_copy(rows))
+    assert len(chunks) == 2 + 3  # the header, three chunks, the trailer
+    assert (bulk.parse_binary_copy(b"".join(chunks), [8] * 5) == rows).all()
 
 
 def minute_row(entity: int, start: int, peak: int, low: int) -> list[int]:
@@ -176,6 +180,6 @@ def test_new_minute_rows_are_inserted_as_given_and_one_already_there_is_merged(
 
 def test_a_typed_binary_copy_refuses_a_value_its_column_cannot_hold() -> None:
     rows = np.array([[1, 2**15]], dtype=np.int64)
-    assert bulk.parse_binary_copy(bytes(bulk.binary_copy(rows[:, :1], [2])), [2]) == [[1]]
+    assert bulk.parse_binary_copy(b"".join(bulk.binary_copy(rows[:, :1], [2])), [2]) == [[1]]
     with pytest.raises(ValueError, match="outside 2-byte integers"):
         bulk.binary_copy(rows, [2, 2])
