@@ -87,6 +87,59 @@ def period_start(unit: Unit, second: int) -> int:
     return int(start_of(unit, datetime.fromtimestamp(second, UTC)).timestamp())
 
 
+def period_starts(unit: Unit, seconds: Ints) -> Ints:
+    """``period_start`` of each of ``seconds`` (-1 stays -1)."""
+    if unit is Unit.MONTH:
+        months = seconds.astype("datetime64[s]").astype("datetime64[M]")
+        out: Ints = months.astype("datetime64[s]").astype(np.int64)
+    else:
+        length = {Unit.MINUTE: 60, Unit.HOUR: 3600, Unit.DAY: 86400}[unit]
+        out = seconds - seconds % length
+    return np.where(seconds < 0, -1, out)
+
+
+def widen(rows: Ints, later: Ints, where: Mask) -> None:
+    """Widen the extremes of ``rows`` (in place), where ``where``, by those of ``later``: rows
+    of the same entities over later seconds (the peak's time stays the first it was reached).
+    A row with no counted second (``R_PEAK`` -1) adds nothing, and takes the other's."""
+    where = where & (later[:, R_PEAK] >= 0)
+    fresh = where & (rows[:, R_PEAK] < 0)
+    rows[fresh, R_EXTREMES] = later[fresh, R_EXTREMES]
+    both = where & ~fresh
+    a, b = rows[both], later[both]
+    up = b[:, R_PEAK] > a[:, R_PEAK]
+    a[up, R_PEAK] = b[up, R_PEAK]
+    a[up, R_PEAK_AT] = b[up, R_PEAK_AT]
+    a[:, R_MIN] = np.minimum(a[:, R_MIN], b[:, R_MIN])
+    a[:, R_WS_PEAK] = np.maximum(a[:, R_WS_PEAK], b[:, R_WS_PEAK])
+    a[:, R_CH_PEAK] = np.maximum(a[:, R_CH_PEAK], b[:, R_CH_PEAK])
+    a[:, R_CH_MIN] = np.minimum(a[:, R_CH_MIN], b[:, R_CH_MIN])
+    rows[both] = a
+
+
+def derived_rows(  # noqa: PLR0917 (the parts of one row, in order)
+    unit: Unit, starts: Ints, stored: Ints, found: Mask, held: Ints, minute: Ints
+) -> tuple[Ints, Mask]:
+    """Rows of ``unit`` (one per entity, the periods starting at ``starts``) as they are now:
+    the copy in ``usage_rollups`` (``stored``, where ``found``), or else the start values of the
+    entity's minute row in its state row that began with it (``held``, the closed one it
+    holds, or ``minute``, its latest), widened by those minute rows that lie in the period
+    (``Book``: an hour, day or month row is written lazily). Also which rows exist: found, or
+    begun with one of those minute rows."""
+    out = stored.copy()
+    out[:, R_START] = starts
+    began = starts >= 0
+    by_held = ~found & began & (held[:, R_START] == starts)
+    by_minute = ~found & began & ~by_held & (minute[:, R_START] == starts)
+    out[by_held] = held[by_held]
+    out[by_minute] = minute[by_minute]
+    exists = found | by_held | by_minute
+    # In time order: the copy (or the minute row it began with), the held row, the latest.
+    widen(out, held, exists & ~by_held & (period_starts(unit, held[:, R_START]) == starts))
+    widen(out, minute, exists & ~by_minute & (period_starts(unit, minute[:, R_START]) == starts))
+    return out, exists
+
+
 def period_end(unit: Unit, start: int) -> int:
     if unit is Unit.MINUTE:
         return start + 60
@@ -203,9 +256,19 @@ class Book:
     columns) for each unit ``u``, finest first; a row whose ``R_START`` is -1 does not exist
     yet, one whose ``R_PEAK`` is -1 has no counted second yet. ``held[i]`` is a minute row
     of the entity that closed and is not in Postgres's ``usage_rollups`` yet, but in its state
-    row (``R_START`` -1: none; ``service.Aggregator`` moves them). ``dirty_state``,
-    ``dirty_starts`` (a latest row began: its start and start values) and ``dirty_rows``
-    mark what a cycle changed (``Folder`` clears them when it starts).
+    row (``R_START`` -1: none; ``service.Aggregator`` moves them). ``dirty_state`` and
+    ``dirty_starts`` (a latest row began: its start and start values) mark what a cycle
+    changed (``Folder`` clears them when it starts).
+
+    An hour, day or month row (``u`` >= 1) is written to ``usage_rollups`` lazily: what it
+    holds beyond the copy there can be read from the minute rows in the state row, because a
+    coarser row's extremes are those of its minute rows, and a row that began in the minute
+    the state's minute row (or held row) began has that row's start values
+    (``derived_rows``). ``stored[u, i]``: the entity's latest row of unit ``u`` is in
+    ``usage_rollups`` (its start values, and its extremes as of ``unsynced``);
+    ``unsynced[u, i]``: the start of the earliest minute in which it changed since it was
+    written (-1: it has not). The aggregator writes it when that minute's row is no longer in
+    the state row, or when it closes (``Folder.closed``).
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -219,7 +282,8 @@ class Book:
         self.held[:, R_START] = -1
         self.dirty_state: Mask = np.zeros(capacity, dtype=np.bool_)
         self.dirty_starts: Mask = np.zeros(capacity, dtype=np.bool_)
-        self.dirty_rows: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
+        self.stored: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
+        self.unsynced: Ints = np.full((len(UNITS), capacity), -1, dtype=np.int64)
         self._sorted: Ints = np.zeros(0, dtype=np.int64)  # codes, sorted
         self._order: Ints = np.zeros(0, dtype=np.int64)  # their entity indices
 
@@ -273,8 +337,11 @@ class Book:
         self.held = np.concatenate([self.held, more[0]])
         self.dirty_state = np.concatenate([self.dirty_state, np.zeros(extra, dtype=np.bool_)])
         self.dirty_starts = np.concatenate([self.dirty_starts, np.zeros(extra, dtype=np.bool_)])
-        self.dirty_rows = np.concatenate(
-            [self.dirty_rows, np.zeros((len(UNITS), extra), dtype=np.bool_)], axis=1
+        self.stored = np.concatenate(
+            [self.stored, np.zeros((len(UNITS), extra), dtype=np.bool_)], axis=1
+        )
+        self.unsynced = np.concatenate(
+            [self.unsynced, np.full((len(UNITS), extra), -1, dtype=np.int64)], axis=1
         )
 
 
@@ -282,8 +349,8 @@ class Folder:
     """Applies one cycle's events, in time order, to a ``Book``.
 
     Rows a cycle closed (a period ended for the entity: its first event in a later one) are kept
-    in ``closed`` as they were when closed, every minute row and the other rows the cycle had
-    changed; the book then holds the entity's new row.
+    in ``closed`` as they were when closed, every minute row and the other rows with changes
+    not in ``usage_rollups`` (``Book.unsynced``); the book then holds the entity's new row.
     """
 
     def __init__(self, book: Book, coverage: Coverage) -> None:
@@ -291,7 +358,6 @@ class Folder:
         self.coverage = coverage
         book.dirty_state[:] = False
         book.dirty_starts[:] = False
-        book.dirty_rows[:] = False
         self.closed: list[tuple[int, Ints, Ints]] = []  # (unit index, codes, rows)
         self._starts_second = -1
         self._starts: tuple[int, ...] = ()
@@ -339,6 +405,7 @@ class Folder:
             moved = self._include(u, idx, conns, ws, channels, second)
             if not moved.any():
                 break
+            self._changed(u, idx[moved], second)
             if not moved.all():
                 idx, conns, ws, channels = idx[moved], conns[moved], ws[moved], channels[moved]
 
@@ -367,8 +434,9 @@ class Folder:
             ir = idx = idx[rolling]
             changing = changing[rolling]
             # The rows this closes: all minute rows (they were only ever in the state) and
-            # the other units' rows this cycle wrote to (the others are in Postgres as they are).
-            done = ir[rows[ir, R_START] >= 0] if u == 0 else ir[book.dirty_rows[u, ir]]
+            # the other units' rows that changed since written (the others are in Postgres as
+            # they are).
+            done = ir[rows[ir, R_START] >= 0] if u == 0 else ir[book.unsynced[u, ir] >= 0]
             if done.size:
                 self.closed.append((u, book.codes[done].copy(), rows[done].copy()))
             n = cov.covered_since(s[ir, S_SINCE], start)
@@ -382,7 +450,9 @@ class Folder:
             new[:, R_COUNTERS0] = s[ir, S_COUNTERS]
             new[:, R_PEAK] = -1
             rows[ir] = new
-            book.dirty_rows[u, ir] = True
+            book.stored[u, ir] = False
+            book.unsynced[u, ir] = -1
+            self._changed(u, ir, second)
             book.dirty_state[ir] = True  # its latest row moved on
             book.dirty_starts[ir] = True
             # The carried value held at the period's counted seconds before this event (and
@@ -412,7 +482,14 @@ class Folder:
         new[:, 5] = np.where(fresh, channels, np.minimum(old[:, 5], channels))
         moved: Mask = (new != old).any(axis=1)
         if moved.any():
-            im = idx[moved]
-            rows[im, R_EXTREMES] = new[moved]
-            self.book.dirty_rows[u, im] = True
+            rows[idx[moved], R_EXTREMES] = new[moved]
         return moved
+
+    def _changed(self, u: int, idx: Ints, second: int) -> None:
+        """The entities' latest rows of unit ``u`` changed at ``second``: for an hour, day or
+        month row not changed since written, note the minute (``Book.unsynced``)."""
+        if u == 0 or not idx.size:
+            return
+        unsynced = self.book.unsynced[u]
+        first = idx[unsynced[idx] < 0]
+        unsynced[first] = self.starts(second)[0]

@@ -14,9 +14,11 @@ The design writes only what changed (see ``docs/rollups.md``):
 - ``usage_rollups`` holds one row per period in which something happened to the entity: the
   values carried in at the period's start (``*0``), the running totals at its start, and the
   extremes. A period's sums are the difference of the running totals at its two ends, so a
-  busy app writes its state row each cycle, its hour, day and month rows only when a period
-  starts or a peak or min moves, and its minute row once, when the minute is over: the
-  latest minute row is part of the state row until then.
+  busy app writes its state row each cycle, its minute row once, when the minute is over
+  (the latest minute row is part of the state row until then, and a closed one for up to
+  30 s more), and its hour, day and month rows at most once a minute, when the minute rows
+  that changed them leave the state row (until then the reads widen them with those:
+  ``fold.Book``).
 - ``usage_cursor`` is the aggregator's watermark: the last sample second folded, the cycle
   number, and each datacenter's counter cursor. It is written in the transaction that writes
   the rollups, so a cycle counts everything once or not at all.

@@ -22,7 +22,21 @@ from sqlalchemy import Connection, select
 from metering.core.errors import ValidationError
 from metering.rollups import bulk
 from metering.rollups import state as entity_state
-from metering.rollups.fold import UNIT_CODES, Coverage, period_end, period_start
+from metering.rollups.fold import (
+    R_CH0,
+    R_CH_PEAK,
+    R_CONNS0,
+    R_COUNTERS0,
+    R_PEAK,
+    R_PEAK_AT,
+    R_START,
+    R_WIDTH,
+    UNIT_CODES,
+    Coverage,
+    derived_rows,
+    period_end,
+    period_start,
+)
 from metering.rollups.models import (
     COUNTERS,
     UsageCursor,
@@ -116,17 +130,7 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         )
     ).scalar()
     state = entity_state.as_mapping(bytes(packed)) if packed is not None else None
-    # The entity's minute rows not in usage_rollups yet: the closed one its state row holds
-    # (older), then its latest.
-    in_state = [_minute_row(state, p) for p in ("held", "minute")] if unit is Unit.MINUTE else []
-    for extra in in_state:
-        if extra is None:
-            continue
-        start = extra["period_start"]
-        if lo <= start < hi:
-            rows = [r for r in rows if r["period_start"] < start] + [extra]
-        elif start >= hi and (nxt is None or start < nxt["period_start"]):
-            nxt = extra
+    rows, nxt = _with_state(unit, rows, nxt, state, lo, hi)
     now = _now_point(state, cov)
     out: list[dict[str, Any]] = []
     walk = _walk(unit, lo, hi, rows, nxt, state, now, cov, backwards=query.backwards)
@@ -134,6 +138,50 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         out.append(entry)
         if len(out) >= query.limit:
             break
+    return out
+
+
+def _with_state(  # noqa: PLR0917 (internal)
+    unit: Unit, rows: list[Any], nxt: Any, state: Any, lo: int, hi: int
+) -> tuple[list[Any], Any]:
+    """The rows in [lo, hi) and the next one with what the entity's state row adds: its minute
+    rows not in usage_rollups (the closed one it holds, then its latest) are rows of their
+    own, and for a coarser unit they widen the row of their period, or begin it, when it is
+    not written yet (``fold.Book``: an hour, day or month row is written lazily)."""
+    by_start = {r["period_start"]: r for r in rows}
+    for minute in (_minute_row(state, "held"), _minute_row(state, "minute")):
+        if minute is None:
+            continue
+        start = period_start(unit, minute["period_start"])
+        if start < lo:
+            continue
+        if start >= hi:
+            if nxt is None or start < nxt["period_start"]:
+                nxt = _begun_with(minute, start)
+            continue
+        row = by_start.get(start)
+        by_start[start] = _begun_with(minute, start) if row is None else _widened(row, minute)
+    return [by_start[k] for k in sorted(by_start)], nxt
+
+
+def _begun_with(minute: dict[str, Any], start: int) -> dict[str, Any]:
+    """A row not in usage_rollups: the minute row it began with (its start values, and its
+    extremes so far)."""
+    if minute["period_start"] != start:
+        raise RuntimeError(
+            f"the row of the period starting at {start} is neither in usage_rollups nor begun "
+            f"with the minute row at {minute['period_start']} in the entity's state row"
+        )
+    return minute
+
+
+def _widened(row: Any, later: dict[str, Any]) -> dict[str, Any]:
+    """``row``'s extremes widened by those of a later row of its period (``fold.widen``)."""
+    out = dict(row)
+    if later["peak"] > out["peak"]:
+        out["peak"], out["peak_at"] = later["peak"], later["peak_at"]
+    for name, pick in (("min", min), ("ws_peak", max), ("ch_peak", max), ("ch_min", min)):
+        out[name] = pick(out[name], later[name])
     return out
 
 
@@ -392,8 +440,46 @@ class MonthUsage:
         return np.where(hit, at, -1)
 
 
-_MONTH_COLUMNS = ("conns0", "channels0", "pub_n0", "pub_b0", "del_n0", "del_b0")
 _STATE_COLUMNS = ("conns", "channels", "pub_n", "pub_b", "del_n", "del_b")
+# Where a row (``fold.R_*``) holds the values of _STATE_COLUMNS at its start.
+_END_OF_ROW = [
+    R_CONNS0,
+    R_CH0,
+    *(R_COUNTERS0.start + COUNTERS.index(c) for c in _STATE_COLUMNS[2:]),
+]
+
+
+def _month_rows_with_state(
+    entity: npt.NDArray[np.int64],
+    packed: npt.NDArray[np.int64],
+    month_start: int,
+    rows: npt.NDArray[np.int64],
+    nxt: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The entities' month rows of the month (``rows``: the id, then the row) and their next
+    month rows (``nxt``) with what their state rows add (``entity`` ids, sorted, and their
+    ``packed`` values; ``fold.Book``: a month row is written lazily): the month rows widened by
+    the minute rows in the state rows, or begun with one; a next row not written yet begun
+    with one."""
+    packed = packed.copy()
+    held, minute = packed[:, entity_state.HELD_COLUMNS], packed[:, entity_state.MINUTE_COLUMNS]
+    minute[minute[:, R_PEAK] < 0, R_START] = -1  # (no counted second: no minute row)
+    out = []
+    latest = packed[:, entity_state.column("month")]
+    for table in (rows, nxt):
+        at = np.searchsorted(entity, table[:, 0])
+        at = np.minimum(at, max(len(entity) - 1, 0))
+        has_state = (entity[at] == table[:, 0]) if len(entity) else np.zeros(len(at), np.bool_)
+        stored = np.full((len(entity), R_WIDTH), -1, np.int64)
+        found = np.zeros(len(entity), np.bool_)
+        stored[at[has_state]], found[at[has_state]] = table[has_state, 1:], True
+        starts = np.full(len(entity), month_start, np.int64)
+        if table is nxt:  # the row after the month: the stored one, else the latest if later
+            starts = np.where(found, stored[:, R_START], np.where(latest > month_start, latest, -1))
+        now, exists = derived_rows(Unit.MONTH, starts, stored, found, held, minute)
+        derived = np.column_stack([entity, now])[exists]
+        out.append(np.concatenate([table[~has_state], derived]))
+    return out[0][np.argsort(out[0][:, 0])], out[1][np.argsort(out[1][:, 0])]
 
 
 def month_usage(
@@ -408,33 +494,29 @@ def month_usage(
         empty = np.zeros(0, np.int64)
         return MonthUsage(empty, empty, empty, empty, empty, empty, np.zeros(0, np.bool_), empty)
     of = f"scope = {int(scope)} AND unit = {code}"
+    columns = ("entity_id", "period_start", *_ROW_FIGURES)  # the id, then a row as fold has it
     rows = bulk.select_array(
         conn,
-        f"SELECT entity_id, {', '.join(_MONTH_COLUMNS)}, peak, peak_at, ch_peak "  # noqa: S608
-        f"FROM usage_rollups WHERE {of} AND period_start = {int(month_start)} "
-        "ORDER BY entity_id",
+        f"SELECT {', '.join(columns)} FROM usage_rollups "  # noqa: S608
+        f"WHERE {of} AND period_start = {int(month_start)} ORDER BY entity_id",
         "usage_rollups",
-        ("entity_id", *_MONTH_COLUMNS, "peak", "peak_at", "ch_peak"),
+        columns,
     )
     nxt = bulk.select_array(
         conn,
-        f"SELECT r.entity_id, r.period_start, {', '.join('r.' + c for c in _MONTH_COLUMNS)} "  # noqa: S608
+        f"SELECT {', '.join('r.' + c for c in columns)} "  # noqa: S608
         f"FROM usage_rollups r JOIN (SELECT entity_id, MIN(period_start) AS period_start "
         f"FROM usage_rollups WHERE {of} AND period_start > {int(month_start)} "
         f"GROUP BY entity_id) n ON r.entity_id = n.entity_id "
         f"AND r.period_start = n.period_start WHERE r.{of.replace(' AND ', ' AND r.')} "
         "ORDER BY r.entity_id",
         "usage_rollups",
-        ("entity_id", "period_start", *_MONTH_COLUMNS),
+        columns,
     )
-    # The state's fields only: a row that holds a closed minute row is wider (``HELD_ROW``).
-    width = len(entity_state.FIELDS)
-    _, entity, packed = bulk.select_packed(
-        conn,
-        f"SELECT scope, entity_id, substr(packed, 1, {8 * width}) FROM usage_state "  # noqa: S608
-        f"WHERE scope = {int(scope)} ORDER BY entity_id",
-        width,
-    )
+    _, entity, packed = entity_state.select(conn, f"scope = {int(scope)}")
+    order = np.argsort(entity)
+    entity, packed = entity[order], packed[order]
+    rows, nxt = _month_rows_with_state(entity, packed, month_start, rows, nxt)
     states = np.column_stack([entity, packed[:, [entity_state.column(c) for c in _STATE_COLUMNS]]])
     ids = np.union1d(np.union1d(rows[:, 0], nxt[:, 0]), states[:, 0])
     n = len(ids)
@@ -446,8 +528,8 @@ def month_usage(
     end[s_at] = states[:, 1:]
     known[s_at] = True
     n_at = np.searchsorted(ids, nxt[:, 0])
-    end[n_at] = nxt[:, 2:]
-    after[n_at] = nxt[:, 1]
+    end[n_at] = nxt[:, 1:][:, _END_OF_ROW]
+    after[n_at] = nxt[:, 1 + R_START]
     known[n_at] = True
     row = np.zeros(n, np.bool_)
     r_at = np.searchsorted(ids, rows[:, 0])
@@ -455,8 +537,10 @@ def month_usage(
     # Carried through the month: the value held, which covers every counted second of it.
     peak, peak_at, ch_peak = end[:, 0].copy(), np.full(n, first, np.int64), end[:, 1].copy()
     messages, data = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    peak[r_at], peak_at[r_at], ch_peak[r_at] = rows[:, 7], rows[:, 8], rows[:, 9]
-    start = rows[:, 3:7]  # pub_n0, pub_b0, del_n0, del_b0
+    month = rows[:, 1:]
+    peak[r_at], peak_at[r_at], ch_peak[r_at] = (month[:, R_PEAK], month[:, R_PEAK_AT],
+                                                month[:, R_CH_PEAK])  # fmt: skip
+    start = month[:, _END_OF_ROW][:, 2:6]  # pub_n0, pub_b0, del_n0, del_b0
     fin = end[r_at, 2:6]
     messages[r_at] = (fin[:, 0] - start[:, 0]) + (fin[:, 2] - start[:, 2])
     data[r_at] = (fin[:, 1] - start[:, 1]) + (fin[:, 3] - start[:, 3])

@@ -39,8 +39,10 @@ from metering.rollups.fold import (
     N_COUNTERS,
     R_CH_PEAK,
     R_COUNTERS0,
+    R_EXTREMES,
     R_PEAK,
     R_START,
+    R_WIDTH,
     S_CH,
     S_CONNS,
     S_COUNTERS,
@@ -50,6 +52,7 @@ from metering.rollups.fold import (
     Folder,
     Ints,
     codes,
+    derived_rows,
     split,
     sum_by,
 )
@@ -423,43 +426,45 @@ class Aggregator:
         if loaded is not None and loaded.cycle == cursor.cycle:
             return loaded
         book = Book()
-        widths = (len(state.FIELDS), len(state.FIELDS) + len(state.HELD_ROW))
-        others = conn.exec_driver_sql(
-            "SELECT count(*) FROM usage_state WHERE length(packed) NOT IN "  # noqa: S608
-            f"({', '.join(str(8 * w) for w in widths)})"
-        ).scalar()
-        if others:
-            raise ValueError(
-                f"{others} usage_state rows are of another width: the database and the code "
-                "are at different migrations (run `metering db upgrade`)"
-            )
-        for width in widths:
-            scope, entity, packed = bulk.select_packed(
-                conn,
-                "SELECT scope, entity_id, packed FROM usage_state "  # noqa: S608
-                f"WHERE length(packed) = {8 * width}",
-                width,
-            )
-            idx = book.add(codes(scope, entity), 0)
-            book.state[idx] = packed[:, state.STATE_COLUMNS]
-            book.rows[0, idx] = packed[:, state.MINUTE_COLUMNS]
-            book.rows[1:, idx, R_START] = packed[:, state.STARTS_COLUMNS].T
-            if width > len(state.FIELDS):
-                book.held[idx] = packed[:, state.HELD_COLUMNS]
+        scope, entity, packed = state.select(conn)
+        idx = book.add(codes(scope, entity), 0)
+        book.state[idx] = packed[:, state.STATE_COLUMNS]
+        book.rows[0, idx] = packed[:, state.MINUTE_COLUMNS]
+        book.rows[1:, idx, R_START] = packed[:, state.STARTS_COLUMNS].T
+        book.held[idx] = packed[:, state.HELD_COLUMNS]
         # (A minute row with no counted second, as migration 0012 packs one whose extremes
         # were NULL, does not exist.)
         no_minute = book.rows[0, : book.size, R_PEAK] < 0
         book.rows[0, : book.size, R_START][no_minute] = -1
-        # The latest hour, day and month rows, where the entities' starts say they are.
+        # The latest hour, day and month rows: where the entities' starts say they are in
+        # usage_rollups, with what the minute rows in the state rows add (``Book``).
         every = np.arange(book.size)
         for u in range(1, len(UNITS)):
             at = every[book.rows[u, : book.size, R_START] >= 0]
-            wanted = np.column_stack([*split(book.codes[at]), book.rows[u, at, R_START]])
+            starts = book.rows[u, at, R_START]
+            wanted = np.column_stack([*split(book.codes[at]), starts])
             rows = bulk.select_matching(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=("scope", "entity_id",
                 "period_start"), wanted=wanted, where=f"r.unit = {u + 1}",
             )  # fmt: skip
-            book.rows[u, book.find(codes(rows[:, 0], rows[:, 1]))] = rows[:, 3:]
+            stored = np.full((len(at), R_WIDTH), -1, dtype=np.int64)
+            found = np.zeros(len(at), dtype=np.bool_)
+            pos = np.searchsorted(at, book.find(codes(rows[:, 0], rows[:, 1])))
+            stored[pos], found[pos] = rows[:, 3:], True
+            held, minute = book.held[at], book.rows[0, at]
+            now, exists = derived_rows(UNITS[u], starts, stored, found, held, minute)
+            if not exists.all():
+                raise ValueError(
+                    f"{int((~exists).sum())} latest {UNITS[u].value} rows are neither in "
+                    "usage_rollups nor begun with a minute row in their state row"
+                )
+            book.rows[u, at] = now
+            book.stored[u, at] = found
+            # Changed since written (or never written): as of the oldest minute row in the
+            # state row (written when it leaves, as by the cycle that changed it).
+            oldest = np.where(held[:, R_START] >= 0, held[:, R_START], minute[:, R_START])
+            unsynced = ~found | (now[:, R_EXTREMES] != stored[:, R_EXTREMES]).any(axis=1)
+            book.unsynced[u, at] = np.where(unsynced, oldest, -1)
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
         marks: dict[tuple[str, str], Marks] = {}
@@ -496,11 +501,7 @@ class Aggregator:
             (*split(book.codes[ix]), _packed(book, ix, wide=wide))
             for wide, ix in ((False, idx[~holding]), (True, idx[holding]))
         ]
-        parts = [
-            (u, book.codes[iu], book.rows[u, iu])
-            for u in range(1, len(UNITS))
-            for iu in [np.nonzero(book.dirty_rows[u, : book.size])[0]]
-        ]
+        parts = _coarse_rows(book)
         # Minute rows were only ever in the state: once moved they are new to usage_rollups
         # (inserted). The other units' rows may be there already (merged).
         rows = _row_matrix([*parts, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
@@ -597,6 +598,27 @@ def _packed(book: Book, idx: Ints, *, wide: bool) -> bulk.Packed:
             out[:, state.HELD_COLUMNS] = book.held[ix]
 
     return bulk.Packed(fields, len(idx), fill)
+
+
+def _coarse_rows(book: Book) -> list[tuple[int, Ints, Ints]]:
+    """The latest hour, day and month rows to write to usage_rollups now (``_row_matrix``
+    parts), after the minute rows moved (``Book``): those changed in a minute whose row is no
+    longer in the state row, and those begun in another minute than the state row's minute
+    rows (their start values are nowhere else). The others can still be read from the state
+    row; nothing else is written before they close (``Folder.closed``)."""
+    size = book.size
+    held, minute = book.held[:size, R_START], book.rows[0, :size, R_START]
+    oldest = np.where(held >= 0, held, np.where(minute >= 0, minute, np.iinfo(np.int64).max))
+    out = []
+    for u in range(1, len(UNITS)):
+        unsynced, start = book.unsynced[u, :size], book.rows[u, :size, R_START]
+        begun_with = (start == held) | (start == minute)
+        due = (unsynced >= 0) & ((unsynced < oldest) | (~book.stored[u, :size] & ~begun_with))
+        idx = np.flatnonzero(due)
+        out.append((u, book.codes[idx], book.rows[u, idx]))
+        book.stored[u, idx] = True
+        book.unsynced[u, idx] = -1
+    return out
 
 
 def _row_matrix(parts: list[tuple[int, Ints, Ints]], horizons: Mapping[int, int]) -> Ints:

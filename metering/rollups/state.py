@@ -31,7 +31,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sqlalchemy import Connection
 
+from metering.rollups import bulk
 from metering.rollups.models import COUNTERS
 
 _ROW = (
@@ -56,6 +58,37 @@ HELD_COLUMNS = slice(len(FIELDS), len(FIELDS) + len(HELD_ROW))
 
 def column(name: str) -> int:
     return _AT[name]
+
+
+def select(conn: Connection, where: str = "TRUE") -> tuple[Any, Any, Any]:
+    """The state rows that meet ``where`` (SQL on ``usage_state``): scopes, entity ids, and
+    their values as one int64 matrix of ``FIELDS`` then ``HELD_ROW`` (a held start of -1
+    where a row holds none). A row of another width is an error, never misread."""
+    widths = (len(FIELDS), len(FIELDS) + len(HELD_ROW))
+    others = conn.exec_driver_sql(
+        f"SELECT count(*) FROM usage_state WHERE ({where}) AND length(packed) NOT IN "  # noqa: S608
+        f"({', '.join(str(8 * w) for w in widths)})"
+    ).scalar()
+    if others:
+        raise ValueError(
+            f"{others} usage_state rows are of another width: the database and the code "
+            "are at different migrations (run `metering db upgrade`)"
+        )
+    parts = [
+        bulk.select_packed(
+            conn,
+            f"SELECT scope, entity_id, packed FROM usage_state "  # noqa: S608
+            f"WHERE ({where}) AND length(packed) = {8 * width} ORDER BY scope, entity_id",
+            width,
+        )
+        for width in widths
+    ]
+    narrow = np.full((len(parts[0][2]), widths[1]), -1, dtype=np.int64)
+    narrow[:, : widths[0]] = parts[0][2]
+    scopes = np.concatenate([parts[0][0], parts[1][0]])
+    ids = np.concatenate([parts[0][1], parts[1][1]])
+    values = np.concatenate([narrow, parts[1][2]])
+    return scopes, ids, values
 
 
 def as_mapping(blob: bytes) -> dict[str, Any]:

@@ -64,7 +64,10 @@ def test_a_cycle_across_a_minute_end_writes_the_closed_minute_whole() -> None:
     assert (hour[R_START], hour[R_PEAK], hour[R_PEAK_AT], hour[R_MIN]) == (T - 600, 9, T - 3, 1)
     # The state holds the integral up to its last change (T + 2: 6 for two seconds after T).
     assert book.state[0, S_AREA] == 23 + 6 + 6
-    assert book.dirty_rows[:, 0].all()
+    # The hour, day and month rows began at T - 5 and are not in usage_rollups: they changed in
+    # the minute starting at T - 60 (written once that minute's row leaves the state row).
+    assert (book.unsynced[1:, 0] == T - 60).all()
+    assert not book.stored[1:, 0].any()
     assert book.dirty_state[0]
 
 
@@ -88,8 +91,9 @@ def test_a_minute_opened_by_messages_alone_carries_the_connections_held() -> Non
     assert row[R_START] == T
     assert (row[R_PEAK], row[R_PEAK_AT], row[R_MIN]) == (4, T, 4)  # held at T, not absent
     assert row[R_COUNTERS0][COUNTERS.index("pub_n")] == 0  # the messages came in this minute
-    assert book.dirty_rows[MINUTE, 0]
-    assert not book.dirty_rows[HOUR_UNIT, 0]  # the hour's extremes did not move
+    assert book.dirty_starts[0]  # the minute row began again
+    # The hour's extremes did not move: it changed in the minute before only.
+    assert book.unsynced[HOUR_UNIT, 0] == T - 60
 
 
 def test_vectorised_coverage_matches_the_scalar_one() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -28,7 +29,8 @@ from metering.core.database import get_engine
 from metering.gateway.sdk import Meter
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
-from metering.rollups.fold import period_start
+from metering.rollups import query
+from metering.rollups.fold import ACCOUNT, APP, R_PEAK, period_start
 from metering.rollups.periods import Unit, interval_id
 from metering.rollups.service import HELD_WITHIN, Aggregator
 from metering.rollups.state import WIDTH, as_mapping
@@ -40,6 +42,10 @@ T0 = int(datetime(2026, 3, 31, 23, 57, tzinfo=UTC).timestamp())
 DURATION = 360
 MISSED = range(T0 + 130, T0 + 140)  # no tick counts these seconds (a paused beat)
 CRASH_AT = T0 + 200  # fe3's last flush; it is reaped at the next tick
+# Cycles after which the API is checked as well as at the end: just into April, when the
+# hour, day and month rows that began with its first minute are in no table but the state
+# rows (written lazily: fold.Book), and a minute later, when they began with a held row.
+CHECKPOINTS = (185, 248)
 TIMEOUT = 0.4  # liveness, real seconds
 
 
@@ -201,28 +207,14 @@ def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a scrip
                     books.counters[name][t][k] += n
                     books.counters[owner[name]][t][k] += n
             books.pending.clear()
+            _assert_a_fresh_aggregator_loads_the_same(aggregator, g, dc)
+            if t - T0 in CHECKPOINTS:
+                with TestClient(create_app()) as client:
+                    _check_api(client, apps, books)
 
     client = TestClient(create_app())
     with client:
-        for scope, entity, key in (
-            ("app", "a1", apps["a1"].key),
-            ("app", "a2", apps["a2"].key),
-            ("app", "b1", apps["b1"].key),
-            ("account", "A", apps["a1"].key),
-            ("account", "B", apps["b1"].key),
-        ):
-            for unit in Unit:
-                got = _fetch(client, key, scope, unit)
-                want = _expected(books, entity, unit)
-                for interval, figures in want.items():
-                    assert interval in got, (scope, entity, unit, interval)
-                    entry = got[interval]
-                    for name, value in figures.items():
-                        assert entry[name] == value, (scope, entity, unit, interval, name)
-                for interval, entry in got.items():
-                    if interval not in want:  # a period whose only event was a fall to zero
-                        assert entry["connections.all.peak"] == 0, (entity, unit, interval)
-                        assert entry["messages.all.count"] == 0
+        _check_api(client, apps, books)
 
         # The account's peak is the peak of its per-second sums, below the sum of its apps' peaks.
         month = {
@@ -249,6 +241,76 @@ def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a scrip
             ).all()
         )
     assert not {tuple(h) for h in held} & {tuple(m) for m in moved}, held
+
+
+def _check_api(client: TestClient, apps: dict[str, Tenant], books: Books) -> None:
+    """Every unit's figures of every entity, as the API gives them, against the books; and
+    the month figures billing reads (``query.month_usage``) against the API's."""
+    for scope, entity, key in (
+        ("app", "a1", apps["a1"].key),
+        ("app", "a2", apps["a2"].key),
+        ("app", "b1", apps["b1"].key),
+        ("account", "A", apps["a1"].key),
+        ("account", "B", apps["b1"].key),
+    ):
+        for unit in Unit:
+            got = _fetch(client, key, scope, unit)
+            want = _expected(books, entity, unit)
+            for interval, figures in want.items():
+                assert interval in got, (scope, entity, unit, interval)
+                entry = got[interval]
+                for name, value in figures.items():
+                    assert entry[name] == value, (scope, entity, unit, interval, name)
+            for interval, entry in got.items():
+                if interval not in want:  # a period whose only event was a fall to zero
+                    assert entry["connections.all.peak"] == 0, (entity, unit, interval)
+                    assert entry["messages.all.count"] == 0
+    # What billing reads for a month (in bulk, per scope) is what the API gives for it.
+    with get_engine().connect() as conn:
+        for scope, code, entities in (
+            ("app", APP, [(apps[n].app_id, apps[n].key) for n in ("a1", "a2", "b1")]),
+            ("account", ACCOUNT, [(apps[n].account_id, apps[n].key) for n in ("a1", "b1")]),
+        ):
+            for entity_id, key in entities:
+                for month, entry in _fetch(client, key, scope, Unit.MONTH).items():
+                    start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC).timestamp()
+                    usage = query.month_usage(conn, code, int(start))
+                    [i] = usage.find(np.array([entity_id], dtype=np.int64)).tolist()
+                    assert i >= 0, (scope, entity_id, month)
+                    assert (
+                        int(usage.peak[i]), int(usage.peak_at[i]) * 1000, int(usage.ch_peak[i]),
+                        int(usage.messages[i]), int(usage.data[i]),
+                    ) == (
+                        entry["connections.all.peak"], entry["connections.all.peakAt"],
+                        entry["channels.peak"], entry["messages.all.count"],
+                        entry["messages.all.data"],
+                    ), (scope, entity_id, month)  # fmt: skip
+
+
+def _assert_a_fresh_aggregator_loads_the_same(
+    live: Aggregator, g: GlobalStore, dc: DatacenterStore
+) -> None:
+    """What a restarted worker loads from Postgres is what the running one holds: every
+    entity's state, latest row of every unit (the lazily written ones rebuilt from the state
+    rows) and held row."""
+    book = live._loaded.book
+    fresh = Aggregator(get_engine(), g, {"dc1": dc})
+    with get_engine().connect() as conn:
+        cursor = fresh._lock(conn)
+        assert cursor is not None
+        loaded = fresh._load(conn, cursor).book
+    order = book.find(loaded.codes[: loaded.size])
+    assert loaded.size == book.size
+    assert (loaded.state[: loaded.size] == book.state[order]).all()
+    for u in range(len(loaded.rows)):
+        live_rows, got = book.rows[u, order], loaded.rows[u, : loaded.size]
+        exists = live_rows[:, 0] >= 0
+        if u == 0:
+            exists &= live_rows[:, R_PEAK] >= 0  # (a minute row with no counted second yet)
+        assert (got[exists] == live_rows[exists]).all(), u
+    held = book.held[order, 0] >= 0
+    assert (loaded.held[: loaded.size, 0] >= 0).tolist() == held.tolist()
+    assert (loaded.held[: loaded.size][held] == book.held[order][held]).all()
 
 
 def _held_rows() -> list[int]:

@@ -21,6 +21,7 @@ from metering.rollups.state import HELD_ROW, as_mapping, pack
 from tests.scratch import scratch_database
 
 _HELD = [c.removeprefix("held_") for c in HELD_ROW[1:]]
+_ROW_VALUES = _HELD  # a row's values after its start, as usage_rollups and the state hold them
 
 
 def ints(*rows: object) -> np.ndarray:
@@ -438,5 +439,91 @@ def test_migration_0012_packs_the_state_and_starts_rows_into_one_value_and_back(
             assert back == {k: (*v[0], *v[1]) for k, v in held.items()}
             # Every state row has its starts row again (NULL where it had none).
             assert back_starts == {k: v[2] or (None,) * 18 for k, v in held.items()}
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0013_writes_the_coarser_rows_the_state_rows_complete_on_the_way_down(
+    dialect: str, tmp_path: Path
+) -> None:
+    """From 0013 on an hour, day or month row may be in no table but the state row (begun
+    with its minute row) or lack the extremes of the minute rows there; the downgrade writes
+    them as the code before reads them."""
+    month = 1775001600  # 2026-04-01 00:00 UTC
+    hour = month + 10 * 3600
+    figures = ("conns0", "pub_n0", "peak", "peak_at", "min", "ch_peak", "ch_min")
+
+    def minute(start: int, *values: int) -> dict[str, int]:
+        return dict(zip(("period_start", *figures), (start, *values), strict=True))
+
+    def fields(prefix: str, row: dict[str, int]) -> dict[str, int]:
+        named = {f"{prefix}_{k}": v for k, v in row.items() if k != "period_start"}
+        return {prefix: row["period_start"], **named}
+
+    # (1, 7): its first minute of April, in no row of usage_rollups yet; (1, 8): stored hour,
+    # day and month rows, and a held and a latest minute row in its hour that widen them.
+    first = minute(month, 4, 100, 9, month + 5, 2, 3, 1)
+    held, latest = (
+        minute(hour + 60, 6, 50, 8, hour + 70, 1, 2, 2),
+        minute(hour + 120, 7, 60, 8, hour + 130, 5, 4, 0),
+    )
+    states = {
+        7: {**fields("minute", first), "hour": month, "day": month, "month": month},
+        8: {**fields("minute", latest), **fields("held", held), "hour": hour, "day": month,
+            "month": month},
+    }  # fmt: skip
+    stored = {  # (unit, start): conns0, pub_n0, peak, peak_at, min, ch_peak, ch_min
+        (2, hour): (5, 40, 5, hour + 10, 3, 1, 1),
+        (3, month): (1, 10, 20, month + 99, 3, 1, 1),
+        (4, month): (1, 10, 20, month + 99, 3, 9, 1),
+    }
+    with _database(dialect, tmp_path) as url:
+        cfg = alembic_config(url)
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                for entity, values in states.items():
+                    conn.execute(
+                        text(
+                            "INSERT INTO usage_state (scope, entity_id, packed) VALUES (1, :e, :p)"
+                        ),
+                        {"e": entity, "p": pack(values)},
+                    )
+                zero = ", ".join(c for c in _ROW_VALUES if c not in figures)
+                for (unit, start), values in stored.items():
+                    conn.execute(
+                        text(
+                            f"INSERT INTO usage_rollups (scope, entity_id, unit, period_start, "
+                            f"{', '.join(figures)}, {zero}) VALUES (1, 8, :u, :s, "
+                            + ", ".join(f":v{i}" for i in range(len(values)))
+                            + ", "
+                            + ", ".join("0" for _ in zero.split(", "))
+                            + ")"
+                        ),
+                        {"u": unit, "s": start, **{f"v{i}": v for i, v in enumerate(values)}},
+                    )
+            command.downgrade(cfg, "0012")
+            with engine.connect() as conn:
+                found = {
+                    (r[0], r[1], r[2]): tuple(r[3:])
+                    for r in conn.execute(
+                        text(
+                            f"SELECT entity_id, unit, period_start, {', '.join(figures)} "
+                            "FROM usage_rollups"
+                        )
+                    )
+                }
+            row7 = tuple(first[c] for c in figures)
+            assert found == {
+                # Begun with its minute row: that row's start values and extremes.
+                (7, 2, month): row7, (7, 3, month): row7, (7, 4, month): row7,
+                # Widened by the held row, then the latest (its peak ties: the first time
+                # stays), start values as stored.
+                (8, 2, hour): (5, 40, 8, hour + 70, 1, 4, 0),
+                (8, 3, month): (1, 10, 20, month + 99, 1, 4, 0),
+                (8, 4, month): (1, 10, 20, month + 99, 1, 9, 0),
+            }  # fmt: skip
+            command.upgrade(cfg, "head")  # nothing to change on the way up
         finally:
             engine.dispose()
