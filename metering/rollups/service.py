@@ -491,7 +491,8 @@ class Aggregator:
         ``before`` through ``now``); a closed row older than its unit's retention
         horizon is dropped, not written back."""
         book = folder.book
-        minutes = _row_matrix(self._minute_rows(folder, before, now), horizons)
+        moved = self._minute_rows(folder, before, now)  # (which changes states: first)
+        unwritten, written = _coarse_rows(book)  # (as the minute rows left the state rows)
         idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
         begun = book.dirty_starts[idx]
         assert (book.rows[:, idx[begun], R_START] >= 0).all(), "a row began for every unit"
@@ -501,17 +502,18 @@ class Aggregator:
             (*split(book.codes[ix]), _packed(book, ix, wide=wide))
             for wide, ix in ((False, idx[~holding]), (True, idx[holding]))
         ]
-        parts = _coarse_rows(book)
-        # Minute rows were only ever in the state: once moved they are new to usage_rollups
-        # (inserted). The other units' rows may be there already (merged).
-        rows = _row_matrix([*parts, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
+        # Minute rows were only ever in the state, and coarser rows never written were only
+        # ever there and in memory: new to usage_rollups (inserted). The others may be there
+        # already (merged).
+        inserted = _row_matrix([*moved, *unwritten], horizons)
+        merged = _row_matrix([*written, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
         bulk.replace_packed(conn, "usage_state", records)
-        for block, new in ((minutes, True), (rows, False)):
+        for block, new in ((inserted, True), (merged, False)):
             bulk.upsert_array(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
                 merge=_ROW_MERGE, new=new,
             )  # fmt: skip
-        return len(idx), len(minutes) + len(rows)
+        return len(idx), len(inserted) + len(merged)
 
     def _minute_rows(
         self, folder: Folder, before: int | None, now: int | None
@@ -600,25 +602,31 @@ def _packed(book: Book, idx: Ints, *, wide: bool) -> bulk.Packed:
     return bulk.Packed(fields, len(idx), fill)
 
 
-def _coarse_rows(book: Book) -> list[tuple[int, Ints, Ints]]:
+def _coarse_rows(
+    book: Book,
+) -> tuple[list[tuple[int, Ints, Ints]], list[tuple[int, Ints, Ints]]]:
     """The latest hour, day and month rows to write to usage_rollups now (``_row_matrix``
-    parts), after the minute rows moved (``Book``): those changed in a minute whose row is no
-    longer in the state row, and those begun in another minute than the state row's minute
-    rows (their start values are nowhere else). The others can still be read from the state
-    row; nothing else is written before they close (``Folder.closed``)."""
+    parts: those never written, then those written before), after the minute rows moved
+    (``Book``): those changed in a minute whose row is no longer in the state row, and those
+    begun in another minute than the state row's minute rows (their start values are nowhere
+    else). The others can still be read from the state row; nothing else is written before
+    they close (``Folder.closed``)."""
     size = book.size
     held, minute = book.held[:size, R_START], book.rows[0, :size, R_START]
     oldest = np.where(held >= 0, held, np.where(minute >= 0, minute, np.iinfo(np.int64).max))
-    out = []
+    unwritten: list[tuple[int, Ints, Ints]] = []
+    written: list[tuple[int, Ints, Ints]] = []
     for u in range(1, len(UNITS)):
         unsynced, start = book.unsynced[u, :size], book.rows[u, :size, R_START]
+        stored = book.stored[u, :size]
         begun_with = (start == held) | (start == minute)
-        due = (unsynced >= 0) & ((unsynced < oldest) | (~book.stored[u, :size] & ~begun_with))
-        idx = np.flatnonzero(due)
-        out.append((u, book.codes[idx], book.rows[u, idx]))
-        book.stored[u, idx] = True
-        book.unsynced[u, idx] = -1
-    return out
+        due = (unsynced >= 0) & ((unsynced < oldest) | (~stored & ~begun_with))
+        for out, which in ((unwritten, due & ~stored), (written, due & stored)):
+            idx = np.flatnonzero(which)
+            out.append((u, book.codes[idx], book.rows[u, idx]))
+        book.stored[u, :size][due] = True
+        book.unsynced[u, :size][due] = -1
+    return unwritten, written
 
 
 def _row_matrix(parts: list[tuple[int, Ints, Ints]], horizons: Mapping[int, int]) -> Ints:
