@@ -84,8 +84,9 @@ _ROW_MERGE = {
 _FROM_FRONTEND = [COUNTERS.index(c) for c in FRONTEND_COUNTERS]
 # A closed minute row held in its state row (``state.HELD_ROW``) has moved to usage_rollups
 # this many counted seconds after its minute ended: a minute's first cycle holds every busy
-# entity's, and the next cycles until then (five, at the 5 s default) move a like share each.
-HELD_WITHIN = 30
+# entity's, and the next cycles until then (eight, at the 5 s default) move a like share each,
+# with the hour, day and month rows they changed (at a month's start, three more rows each).
+HELD_WITHIN = 45
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ def world(env: Env) -> Iterator[tuple[dict[str, Tenant], GlobalStore, Datacenter
     client.close()
 
 
-# Closed minute rows move from the state rows to usage_rollups: within 30 counted seconds
+# Closed minute rows move from the state rows to usage_rollups: within 45 counted seconds
 # of their minute's end (the default); about one a cycle (due so late that each cycle's share
 # rounds up to one row); or only when the entity's next minute closes. The API reads the rows
 # still held from the state rows, and fresh aggregators (restarted workers) load them.
