@@ -18,8 +18,10 @@ level):
   boundary, up to --repeat of them, from 3 minutes before a month's end;
 - new month: every app moved across the month's first second, where every unit's rows begin
   (minute, hour, day and month: the worst boundary; an hour's or a day's is a part of it);
-- the 120 s after it (max): every app moved in every cycle of the 120 seconds after the new
-  month's, which move to usage_rollups what it held; the longest of them.
+- the 180 s after it (max): every app moved in every cycle of the 180 seconds after the new
+  month's, which move to usage_rollups what it held (the first minute's rows with the hour,
+  day and month rows that began with them, then the next minutes' with those rows again, as
+  their ranges widen); the longest of them.
 
 The world starts at the end of the minute before the measured one: the first tick, then every
 app up by 30 connections and down by 60 on one frontend (so the hour, day and month so far have
@@ -107,8 +109,9 @@ MONTH_START = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
 BOUNDARY = MONTH_START - 180
 # Seconds after a new month's first second whose cycles (every app changed) are measured too:
 # they move the rows the new month's first cycles held (docs/rollups.md: due 45 s after their
-# minute), the first minute's with the hour, day and month rows that began with it.
-AFTER_MONTH = 120
+# minute), the first minute's with the hour, day and month rows that began with it, the
+# second's with those rows again (merged: their ranges widened).
+AFTER_MONTH = 180
 # Before the measured minute (BOUNDARY - 60 on), every app swings up and down by this much on
 # one frontend: the hour, day and month so far have seen wider extremes than the walk of the
 # measured seconds reaches, as they have in a world that did not start a minute ago.
