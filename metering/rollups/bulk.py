@@ -197,7 +197,6 @@ def upsert_array(
     rows: npt.NDArray[np.int64],
     merge: Mapping[str, str],
     new: bool = False,
-    there: str | None = None,
 ) -> int:
     """``upsert`` of an integer matrix (one row per record, ``columns`` order, no NULLs).
 
@@ -207,19 +206,11 @@ def upsert_array(
     staged and merged). Should one be there after all (a replay that the caller's design rules
     out), a savepoint takes the COPY back and the rows are merged as usual: slower, never
     wrong, and logged.
-
-    ``there`` (a column): the records are expected to be there. On Postgres they are merged
-    by ``UPDATE ... FROM`` the staging table, one statement per value of that column (a
-    constant of the query: the partitions of other values are pruned), each record found by
-    its key: no speculative insertion per row. Should one be missing after all, the rows
-    are merged as usual (``merge`` is idempotent), and that is logged.
     """
     if not len(rows):
         return 0
     if conn.dialect.name != "postgresql":
         return upsert(conn, table, columns=columns, keys=keys, rows=rows.tolist(), merge=merge)
-    if there is not None:
-        return _update_array(conn, table, columns, keys, rows, merge, there)
     if new:
         data = binary_copy(rows, _widths(table, columns))
         try:
@@ -234,30 +225,6 @@ def upsert_array(
             log.warning("bulk.new_rows_found", table=table, rows=len(rows), error=str(exc))
     with _staged(conn, table, columns, rows) as (cur, stage):
         cur.execute(_merge_from(conn.dialect.name, table, stage, columns, keys, merge))
-    return len(rows)
-
-
-def _update_array(  # noqa: PLR0917 (upsert_array's, in order)
-    conn: Connection,
-    table: str,
-    columns: Sequence[str],
-    keys: Sequence[str],
-    rows: npt.NDArray[np.int64],
-    merge: Mapping[str, str],
-    per: str,
-) -> int:
-    match = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-    sets = _merge_sql(conn.dialect.name, "t", merge).replace("excluded.", "s.")
-    updated = 0
-    with _staged(conn, table, columns, rows) as (cur, stage):
-        cur.execute(f"ANALYZE {stage}")  # how few they are, against the table
-        for value in np.unique(rows[:, list(columns).index(per)]).tolist():
-            only = f"s.{per} = {int(value)} AND t.{per} = {int(value)}"
-            cur.execute(f"UPDATE {table} t SET {sets} FROM {stage} s WHERE {only} AND {match}")  # noqa: S608
-            updated += cur.rowcount
-        if updated < len(rows):
-            log.warning("bulk.rows_not_found", table=table, rows=len(rows), updated=updated)
-            cur.execute(_merge_from(conn.dialect.name, table, stage, columns, keys, merge))
     return len(rows)
 
 

@@ -507,16 +507,14 @@ class Aggregator:
         # ever there and in memory: new to usage_rollups (inserted). The others may be there
         # already (merged).
         inserted = _row_matrix([*moved, *unwritten], horizons)
-        updated = _row_matrix(written, horizons)  # (there: found by key, per unit)
-        merged = _row_matrix([(u, c, r) for u, c, r in folder.closed if u], horizons)
+        merged = _row_matrix([*written, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
         bulk.replace_packed(conn, "usage_state", records)
-        for block, new, there in ((inserted, True, None), (updated, False, "unit"),
-                                  (merged, False, None)):  # fmt: skip
+        for block, new in ((inserted, True), (merged, False)):
             bulk.upsert_array(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
-                merge=_ROW_MERGE, new=new, there=there,
+                merge=_ROW_MERGE, new=new,
             )  # fmt: skip
-        return len(idx), len(inserted) + len(updated) + len(merged)
+        return len(idx), len(inserted) + len(merged)
 
     def _minute_rows(
         self, folder: Folder, before: int | None, now: int | None

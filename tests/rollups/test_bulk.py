@@ -183,35 +183,3 @@ def test_a_typed_binary_copy_refuses_a_value_its_column_cannot_hold() -> None:
     assert bulk.parse_binary_copy(b"".join(bulk.binary_copy(rows[:, :1], [2])), [2]) == [[1]]
     with pytest.raises(ValueError, match="outside 2-byte integers"):
         bulk.binary_copy(rows, [2, 2])
-
-
-def test_rows_known_to_be_there_are_merged_by_key_per_unit_and_a_missing_one_is_inserted(
-    engine: Engine,
-) -> None:
-    """``there``: the aggregator's hour, day and month rows written before, merged by an
-    ``UPDATE ... FROM`` per unit on Postgres; one missing after all is inserted, not lost."""
-    start = 1_780_000_000 - 1_780_000_000 % 3600
-
-    def row(entity: int, unit: int, peak: int, low: int, at: int) -> list[int]:
-        values = dict(zip(ROW_COLUMNS, minute_row(entity, start, peak, low), strict=True))
-        return (
-            [values[c] for c in ROW_COLUMNS[:2]]
-            + [unit, start]
-            + [at if c == "peak_at" else values[c] for c in ROW_COLUMNS[4:]]
-        )
-
-    insert(engine, [row(1, 2, 5, 3, start + 10), row(1, 4, 8, 3, start + 20)])
-    with engine.begin() as conn:
-        bulk.upsert_array(
-            conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], merge=_ROW_MERGE,
-            rows=np.array([row(1, 2, 9, 4, start + 30), row(1, 4, 8, 1, start + 40),
-                           row(2, 2, 6, 6, start + 50)], dtype=np.int64),
-            there="unit",
-        )  # fmt: skip
-    peak, peak_at, low = (ROW_COLUMNS.index(c) for c in ("peak", "peak_at", "min"))
-    got = {(r[1], r[2]): (r[peak], r[peak_at], r[low]) for r in rollups(engine)}
-    assert got == {
-        (1, 2): (9, start + 30, 3),  # a higher peak, at its time; the lower min kept
-        (1, 4): (8, start + 20, 1),  # the same peak: its first time kept; a lower min
-        (2, 2): (6, start + 50, 6),  # not there after all: inserted
-    }
