@@ -41,9 +41,9 @@ them (median of --repeat). Speed per row: a cycle's rows written (``states_writt
 rows_written``) per second, against the baseline's. Targets: every cycle at 100 000 apps
 <= 2 s (the interval is 5 s; not the first nor a cold one, once per process), >= 0.5 of the
 baseline's speed per row, growth no faster than linear. Each step's growth is printed beside
-the baseline's over the same sizes (as many rows as apps), measured in the same run: Postgres's
-own cost per row moves with the size (its buffers, the CPU's caches), and the cycle can do no
-better than it.
+the baseline's over the same sizes (as many rows as apps), each measured just before its
+size's cycles: Postgres's own cost per row moves with the size (its buffers, the CPU's caches)
+and with the machine's speed over the run, and the cycle can do no better than it.
 
     python bench/aggregate.py [--apps 1000 10000 100000] [--repeat 3] [--profile]
 
@@ -728,14 +728,14 @@ def main() -> None:
     print(f"Redis {REDIS_URL}")
     new, updated = baseline(args.baseline_rows, args.repeat)
     per_row = {"new": new / args.baseline_rows, "update": updated / args.baseline_rows}
-    # The same baseline at each size (as many rows as apps): how Postgres's own cost per row
-    # moves with the size, beside the cycle's growth.
-    scaled = {
-        n: updated if n == args.baseline_rows else baseline(n, args.repeat)[1] for n in args.apps
-    }
+    # The same baseline at each size (as many rows as apps), measured just before that size's
+    # cycles: how Postgres's own cost per row moves with the size, beside the cycle's growth,
+    # and with the machine's speed as it drifts over the run (minutes between sizes).
+    scaled: dict[int, float] = {}
 
     figures: dict[int, Figures] = {}
     for apps in args.apps:
+        scaled[apps] = baseline(apps, args.repeat)[1]
         with world(client, apps, rng) as w:
             figures[apps] = measure(w, args.repeat, args.profile, apps == max(args.apps))
 
