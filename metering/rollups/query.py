@@ -36,6 +36,7 @@ from metering.rollups.fold import (
     derived_rows,
     period_end,
     period_start,
+    widen,
 )
 from metering.rollups.models import (
     COUNTERS,
@@ -177,12 +178,10 @@ def _begun_with(minute: dict[str, Any], start: int) -> dict[str, Any]:
 
 def _widened(row: Any, later: dict[str, Any]) -> dict[str, Any]:
     """``row``'s extremes widened by those of a later row of its period (``fold.widen``)."""
-    out = dict(row)
-    if later["peak"] > out["peak"]:
-        out["peak"], out["peak_at"] = later["peak"], later["peak_at"]
-    for name, pick in (("min", min), ("ws_peak", max), ("ch_peak", max), ("ch_min", min)):
-        out[name] = pick(out[name], later[name])
-    return out
+    names = ("period_start", *_ROW_FIGURES)  # a row as fold has it
+    rows, after = (np.array([[r[c] for c in names]], dtype=np.int64) for r in (row, later))
+    widen(rows, after, np.ones(1, dtype=np.bool_))
+    return dict(zip(names, rows[0].tolist(), strict=True))
 
 
 def _minute_row(state: Any, prefix: str) -> dict[str, Any] | None:
@@ -461,9 +460,7 @@ def _month_rows_with_state(
     ``packed`` values; ``fold.Book``: a month row is written lazily): the month rows widened by
     the minute rows in the state rows, or begun with one; a next row not written yet begun
     with one."""
-    packed = packed.copy()
     held, minute = packed[:, entity_state.HELD_COLUMNS], packed[:, entity_state.MINUTE_COLUMNS]
-    minute[minute[:, R_PEAK] < 0, R_START] = -1  # (no counted second: no minute row)
     out = []
     latest = packed[:, entity_state.column("month")]
     for table in (rows, nxt):

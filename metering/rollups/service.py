@@ -433,10 +433,6 @@ class Aggregator:
         book.rows[0, idx] = packed[:, state.MINUTE_COLUMNS]
         book.rows[1:, idx, R_START] = packed[:, state.STARTS_COLUMNS].T
         book.held[idx] = packed[:, state.HELD_COLUMNS]
-        # (A minute row with no counted second, as migration 0012 packs one whose extremes
-        # were NULL, does not exist.)
-        no_minute = book.rows[0, : book.size, R_PEAK] < 0
-        book.rows[0, : book.size, R_START][no_minute] = -1
         # The latest hour, day and month rows: where the entities' starts say they are in
         # usage_rollups, with what the minute rows in the state rows add (``Book``).
         every = np.arange(book.size)
@@ -463,7 +459,7 @@ class Aggregator:
             book.stored[u, at] = found
             # Changed since written (or never written): as of the oldest minute row in the
             # state row (written when it leaves, as by the cycle that changed it).
-            oldest = np.where(held[:, R_START] >= 0, held[:, R_START], minute[:, R_START])
+            oldest = _oldest_minute(held[:, R_START], minute[:, R_START])
             unsynced = ~found | (now[:, R_EXTREMES] != stored[:, R_EXTREMES]).any(axis=1)
             book.unsynced[u, at] = np.where(unsynced, oldest, -1)
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
@@ -614,7 +610,7 @@ def _coarse_rows(
     they close (``Folder.closed``)."""
     size = book.size
     held, minute = book.held[:size, R_START], book.rows[0, :size, R_START]
-    oldest = np.where(held >= 0, held, np.where(minute >= 0, minute, np.iinfo(np.int64).max))
+    oldest = _oldest_minute(held, minute)
     unwritten: list[tuple[int, Ints, Ints]] = []
     written: list[tuple[int, Ints, Ints]] = []
     for u in range(1, len(UNITS)):
@@ -628,6 +624,13 @@ def _coarse_rows(
         book.stored[u, :size][due] = True
         book.unsynced[u, :size][due] = -1
     return unwritten, written
+
+
+def _oldest_minute(held: Ints, minute: Ints) -> Ints:
+    """The start of the oldest minute row in each state row (the held one, else the latest;
+    past every second where it has neither)."""
+    none = np.iinfo(np.int64).max
+    return np.where(held >= 0, held, np.where(minute >= 0, minute, none))
 
 
 def _row_matrix(parts: list[tuple[int, Ints, Ints]], horizons: Mapping[int, int]) -> Ints:

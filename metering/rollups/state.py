@@ -63,7 +63,9 @@ def column(name: str) -> int:
 def select(conn: Connection, where: str = "TRUE") -> tuple[Any, Any, Any]:
     """The state rows that meet ``where`` (SQL on ``usage_state``): scopes, entity ids, and
     their values as one int64 matrix of ``FIELDS`` then ``HELD_ROW`` (a held start of -1
-    where a row holds none). A row of another width is an error, never misread."""
+    where a row holds none, and a minute start of -1 where the minute row has no counted
+    second, as ``as_mapping`` reads them). A row of another width is an error, never
+    misread."""
     widths = (len(FIELDS), len(FIELDS) + len(HELD_ROW))
     others = conn.exec_driver_sql(
         f"SELECT count(*) FROM usage_state WHERE ({where}) AND length(packed) NOT IN "  # noqa: S608
@@ -88,6 +90,7 @@ def select(conn: Connection, where: str = "TRUE") -> tuple[Any, Any, Any]:
     scopes = np.concatenate([parts[0][0], parts[1][0]])
     ids = np.concatenate([parts[0][1], parts[1][1]])
     values = np.concatenate([narrow, parts[1][2]])
+    values[values[:, _AT["minute_peak"]] < 0, _AT["minute"]] = -1
     return scopes, ids, values
 
 
