@@ -108,7 +108,7 @@ BUDGET = 10.0  # seconds: no more repeats of a kind of cycle once its cycles too
 MONTH_START = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
 BOUNDARY = MONTH_START - 180
 # Seconds after a new month's first second whose cycles (every app changed) are measured too:
-# they move the rows the new month's first cycles held (docs/rollups.md: due 45 s after their
+# they move the rows the new month's first cycles held (docs/rollups.md: due 55 s after their
 # minute), the first minute's with the hour, day and month rows that began with it, the
 # second's with those rows again (merged: their ranges widened).
 AFTER_MONTH = 180

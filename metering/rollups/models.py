@@ -16,7 +16,7 @@ The design writes only what changed (see ``docs/rollups.md``):
   extremes. A period's sums are the difference of the running totals at its two ends, so a
   busy app writes its state row each cycle, its minute row once, when the minute is over
   (the latest minute row is part of the state row until then, and a closed one for up to
-  45 s more), and its hour, day and month rows at most once a minute, when the minute rows
+  55 s more), and its hour, day and month rows at most once a minute, when the minute rows
   that changed them leave the state row (until then the reads widen them with those:
   ``fold.Book``).
 - ``usage_cursor`` is the aggregator's watermark: the last sample second folded, the cycle

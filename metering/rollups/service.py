@@ -84,9 +84,11 @@ _ROW_MERGE = {
 _FROM_FRONTEND = [COUNTERS.index(c) for c in FRONTEND_COUNTERS]
 # A closed minute row held in its state row (``state.HELD_ROW``) has moved to usage_rollups
 # this many counted seconds after its minute ended: a minute's first cycle holds every busy
-# entity's, and the next cycles until then (eight, at the 5 s default) move a like share each,
+# entity's, and the next cycles until then (ten, at the 5 s default) move a like share each,
 # with the hour, day and month rows they changed (at a month's start, three more rows each).
-HELD_WITHIN = 45
+# Due 5 s before the entity's next minute can close: spread over as many cycles as there are,
+# with one cycle's slack (a row still held then moves in the closing cycle, the longest).
+HELD_WITHIN = 55
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,14 +92,15 @@ def world(env: Env) -> Iterator[tuple[dict[str, Tenant], GlobalStore, Datacenter
     client.close()
 
 
-# Closed minute rows move from the state rows to usage_rollups: within 45 counted seconds
-# of their minute's end (the default); about one a cycle (due so late that each cycle's share
-# rounds up to one row); or only when the entity's next minute closes. The API reads the rows
-# still held from the state rows, and fresh aggregators (restarted workers) load them.
+# Closed minute rows move from the state rows to usage_rollups: within HELD_WITHIN counted
+# seconds of their minute's end (the default); about one a cycle (due so late that each
+# cycle's share rounds up to one row); or only when the entity's next minute closes. The API
+# reads the rows still held from the state rows, and fresh aggregators (restarted workers)
+# load them.
 @pytest.mark.parametrize(
     "held_within",
     [HELD_WITHIN, 10**9, None],
-    ids=["moved-within-30s", "one-a-cycle", "moved-when-the-next-closes"],
+    ids=["moved-by-their-due-second", "one-a-cycle", "moved-when-the-next-closes"],
 )
 def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a script)
     world, held_within: int | None
