@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,18 +229,20 @@ class Aggregator:
                     )
                 self._resync(folder, snapshot, watermark)
                 samples = []
-            for sample in samples:
-                self._fold_sample(conn, folder, sample)
-
-            counted_upto = loaded.coverage.last
             cursors = json.loads(cursor.counter_cursors or "{}")
-            applied = 0
-            dirty_marks: set[tuple[str, str]] = set()
-            retiring: list[tuple[str, list[str]]] = []
-            if counted_upto is not None:
-                applied, dirty_marks, retiring = self._fold_counters(
-                    conn, folder, loaded, cursors, counted_upto
-                )
+            with ExitStack() as reading:
+                # Redis prepares the counters while the samples are folded.
+                requested = self._request_counters(cursors, reading)
+                for sample in samples:
+                    self._fold_sample(conn, folder, sample)
+                counted_upto = loaded.coverage.last
+                applied = 0
+                dirty_marks: set[tuple[str, str]] = set()
+                retiring: list[tuple[str, list[str]]] = []
+                if counted_upto is not None:
+                    applied, dirty_marks, retiring = self._fold_counters(
+                        conn, folder, loaded, cursors, requested, counted_upto
+                    )
 
             if not folder.dirty and not dirty_marks and counted_upto == watermark:
                 return CycleResult(committed=False, second=watermark, reason="nothing new"), []
@@ -354,19 +357,12 @@ class Aggregator:
         folder.coverage.advance(second, 0 if watermark is None else second - watermark - 1)
         _take_all(folder, second, snapshot.values)
 
-    def _fold_counters(
-        self,
-        conn: Connection,
-        folder: Folder,
-        loaded: _Loaded,
-        cursors: dict[str, list[object]],
-        second: int,
-    ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
-        """Apply each incarnation's counter totals beyond its marks, at ``second``."""
-        moved_apps: list[Ints] = []
-        deltas: list[Ints] = []  # FRONTEND_COUNTERS order
-        dirty: set[tuple[str, str]] = set()
-        retiring: list[tuple[str, list[str]]] = []
+    def _request_counters(
+        self, cursors: Mapping[str, list[object]], reading: ExitStack
+    ) -> list[tuple[str, source.CounterChanges, source.PendingCounters]]:
+        """Per datacenter, the incarnations whose counters moved after its cursor, and their
+        totals asked for (``source.request_counters``: read by ``_fold_counters``)."""
+        requested = []
         for dc, store in self.datacenters.items():
             epoch, seq = (cursors.get(dc) or [None, 0])[:2]
             after = int(seq) if isinstance(seq, int) else 0
@@ -376,8 +372,26 @@ class Aggregator:
             if changes.epoch != epoch:  # a new Redis: its sequence started over, read it all
                 changes = source.counter_changes(store, 0)
                 after = 0
-            read = source.changed_counters(store, changes.incarnations, after)
-            for inc, (apps, totals) in read.items():
+            pending = source.request_counters(store, changes.incarnations, after)
+            requested.append((dc, changes, reading.enter_context(pending)))
+        return requested
+
+    def _fold_counters(  # noqa: PLR0917 (internal)
+        self,
+        conn: Connection,
+        folder: Folder,
+        loaded: _Loaded,
+        cursors: dict[str, list[object]],
+        requested: list[tuple[str, source.CounterChanges, source.PendingCounters]],
+        second: int,
+    ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
+        """Apply each incarnation's counter totals beyond its marks, at ``second``."""
+        moved_apps: list[Ints] = []
+        deltas: list[Ints] = []  # FRONTEND_COUNTERS order
+        dirty: set[tuple[str, str]] = set()
+        retiring: list[tuple[str, list[str]]] = []
+        for dc, changes, pending in requested:
+            for inc, (apps, totals) in pending.result().items():
                 beyond = loaded.marks.setdefault((dc, inc), Marks()).apply(apps, totals)
                 moved = beyond.any(axis=1)
                 if moved.any():

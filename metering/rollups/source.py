@@ -5,7 +5,7 @@ Key names come from ``metering.live.store`` (the one place that defines them).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,49 +249,131 @@ def changed_counters(
     """Per incarnation, the apps whose counters it flushed after the sequence ``after`` (0:
     every app it ever flushed) with their cumulative totals: app ids, shape (n,), and totals,
     shape (n, 8) in ``FRONTEND_COUNTERS`` order (apps that did not change may come too, when
-    most of an incarnation's did). Two round trips for all the incarnations, a third when
-    only part of one's moved (the apps that did, then their totals). A six-field
-    value (an older gateway's) has 0 for the totals it does not hold; a value that is neither
-    is skipped and logged.
+    most of an incarnation's did). ``request_counters`` then ``PendingCounters.result``: read
+    at once."""
+    with request_counters(store, incarnations, after) as pending:
+        return pending.result()
+
+
+def request_counters(
+    store: DatacenterStore, incarnations: list[str], after: int
+) -> PendingCounters:
+    """Ask for what ``changed_counters`` returns, and return before the replies come: Redis
+    prepares them (at 100 000 busy apps, tens of MB of hash fields) while the caller does
+    something else, and ``PendingCounters.result`` reads them. One round trip first, for how
+    much of each incarnation's hash moved; a third for its totals when only part of one did.
 
     A value flushed after the returned change (its sequence is later than the caller's
     cursor) is fine to apply: totals are absolute, and the next read sees the same or more.
     An app whose hash field is gone (the incarnation was forgotten meanwhile) is left out.
     """
-    if not incarnations:
-        return {}
     changes = [store.key(f"fe:{inc}:counter-apps") for inc in incarnations]
     hashes = [store.key(f"fe:{inc}:counters") for inc in incarnations]
-    pipe = store.client.pipeline(transaction=False)
-    for changed, counters in zip(changes, hashes, strict=True):
-        pipe.zcount(changed, f"({after}", "+inf")
-        pipe.hlen(counters)
-    sizes = iter(pipe.execute())
-    # Most of the hash moved: read all of it, which spares sending every field's name twice,
-    # in the list of what changed and in the HMGET (the unchanged ones come back with totals
-    # their marks already hold: nothing applied).
-    whole = [2 * next(sizes) >= next(sizes) for _ in incarnations]
-    pipe = store.client.pipeline(transaction=False)
-    for changed, counters, everything in zip(changes, hashes, whole, strict=True):
-        if everything:
-            pipe.hgetall(counters)
-        else:
-            pipe.zrangebyscore(changed, f"({after}", "+inf")
-    read: list[Any] = pipe.execute()
-    replies: Iterator[list[Any]] = iter(())
-    if not all(whole):  # then the totals of the apps that changed
+    whole: list[bool] = []
+    if incarnations:
         pipe = store.client.pipeline(transaction=False)
-        for counters, everything, apps in zip(hashes, whole, read, strict=True):
-            if not everything:
-                _hmget_chunks(pipe, counters, apps)
-        replies = iter(pipe.execute())
-    out = {}
-    for inc, everything, got in zip(incarnations, whole, read, strict=True):
-        if everything:
-            out[inc] = _parse_counters(inc, list(got), list(got.values()))
-        else:
-            out[inc] = _parse_counters(inc, got, _joined(replies, got))
-    return out
+        for changed, counters in zip(changes, hashes, strict=True):
+            pipe.zcount(changed, f"({after}", "+inf")
+            pipe.hlen(counters)
+        sizes = iter(pipe.execute())
+        # Most of the hash moved: read all of it, which spares sending every field's name
+        # twice, in the list of what changed and in the HMGET (the unchanged ones come back
+        # with totals their marks already hold: nothing applied).
+        whole = [2 * next(sizes) >= next(sizes) for _ in incarnations]
+    commands = [
+        ("HGETALL", counters) if everything else ("ZRANGEBYSCORE", changed, f"({after}", "+inf")
+        for changed, counters, everything in zip(changes, hashes, whole, strict=True)
+    ]
+    return PendingCounters(store, incarnations, hashes, whole, _Sent(store.client, commands))
+
+
+class _Sent:
+    """Commands sent on a connection of the client's own, whose replies are read later (in
+    order, raw: no response callbacks). Closed unread (the caller failed meanwhile), the
+    connection is dropped rather than handed back with replies still due on it."""
+
+    def __init__(self, client: Any, commands: Sequence[tuple[str, ...]]) -> None:
+        self._pool = client.connection_pool
+        self._conn: Any = None
+        self._due = len(commands)
+        if commands:
+            self._conn = self._pool.get_connection()
+            try:
+                self._conn.send_packed_command(self._conn.pack_commands(commands))
+            except BaseException:
+                self.close()
+                raise
+
+    def replies(self) -> list[Any]:
+        """Each command's reply, in order (an error reply raises, and the rest stay due)."""
+        out = []
+        while self._due:
+            out.append(self._conn.read_response())
+            self._due -= 1
+        return out
+
+    def close(self) -> None:
+        if self._conn is None:
+            return
+        if self._due:
+            self._conn.disconnect()
+        self._pool.release(self._conn)
+        self._conn = None
+
+
+class PendingCounters:
+    """What ``request_counters`` asked for: ``result()`` reads it (``changed_counters``).
+    A context manager: left unread, its connection is dropped (``close``)."""
+
+    def __init__(
+        self,
+        store: DatacenterStore,
+        incarnations: list[str],
+        hashes: list[str],
+        whole: list[bool],
+        sent: _Sent,
+    ) -> None:
+        self._store = store
+        self._incarnations = incarnations
+        self._hashes = hashes
+        self._whole = whole
+        self._sent = sent
+
+    def __enter__(self) -> PendingCounters:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sent.close()
+
+    def result(self) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+        try:
+            read = self._sent.replies()
+        finally:
+            self._sent.close()
+        replies: Iterator[list[Any]] = iter(())
+        if not all(self._whole):  # then the totals of the apps that changed
+            pipe = self._store.client.pipeline(transaction=False)
+            for counters, everything, apps in zip(self._hashes, self._whole, read, strict=True):
+                if not everything:
+                    _hmget_chunks(pipe, counters, apps)
+            replies = iter(pipe.execute())
+        out = {}
+        for inc, everything, got in zip(self._incarnations, self._whole, read, strict=True):
+            if everything:
+                out[inc] = _parse_counters(inc, *_fields_and_values(got))
+            else:
+                out[inc] = _parse_counters(inc, got, _joined(replies, got))
+        return out
+
+
+def _fields_and_values(reply: Any) -> tuple[list[Any], list[Any]]:
+    """A raw HGETALL reply: a map (RESP3) or a flat list of fields and values (RESP2)."""
+    if isinstance(reply, dict):
+        return list(reply), list(reply.values())
+    return list(reply[0::2]), list(reply[1::2])
 
 
 def _parse_counters(

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import fakeredis
 import numpy as np
 import pytest
 import redis
@@ -138,9 +139,17 @@ def test_several_incarnations_in_two_round_trips(
         pipelines.append(real(*args, **kwargs))
         return pipelines[-1]
 
+    sent: list[int] = []
+
+    class Sent(source._Sent):
+        def __init__(self, client: Any, commands: Any) -> None:
+            sent.append(len(commands))
+            super().__init__(client, commands)
+
     monkeypatch.setattr(dc.client, "pipeline", counted)
+    monkeypatch.setattr(source, "_Sent", Sent)
     read = source.changed_counters(dc, ["fe-a#1", "fe-b#1", "fe-never#1"], 0)
-    assert len(pipelines) == 2
+    assert (len(pipelines), sent) == (1, [3])  # how much moved, then the three hashes
     assert {inc: as_dict(r) for inc, r in read.items()} == {
         "fe-a#1": {1: (1, 0, 0, 0, 0, 0, 0, 0)},
         "fe-b#1": {1: (2, 0, 0, 0, 0, 0, 0, 0), 2: (3, 0, 0, 0, 0, 0, 0, 1)},
@@ -222,3 +231,47 @@ def test_a_flush_without_eight_totals_is_refused_before_redis(dc: DatacenterStor
     for totals in ((1, 2, 3), (1, 2, 3, 4, 5, 6)):
         with pytest.raises(ValueError, match="8 counter totals"):
             flush(dc, "fe-a#1", {"1": totals})
+
+
+CLIENTS = {
+    "resp2": lambda: redis.Redis.from_url(REDIS_URL, protocol=2),
+    "resp3": lambda: redis.Redis.from_url(REDIS_URL, protocol=3),
+    "embedded": lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer(), lua_modules=set()),
+}
+
+
+@pytest.mark.parametrize("make_client", CLIENTS.values(), ids=CLIENTS.keys())
+def test_counters_asked_for_early_are_read_later_and_a_request_left_unread_leaks_nothing(
+    make_client: Any,
+) -> None:
+    # The aggregator asks for the counters before it folds the samples and reads them after
+    # (Redis prepares the replies meanwhile), on a connection of its own; the hash's replies
+    # come raw: a flat list of fields and values (RESP2) or a map (RESP3).
+    client = make_client()
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    dc = DatacenterStore(client, prefix, "dc1")
+    try:
+        flush(dc, "fe-b#1", {"1": (5,) * 8, "2": (6,) * 8, "3": (7,) * 8})
+        first = flush(dc, "fe-a#1", {str(a): (0,) * 8 for a in range(1, 40)})
+        totals = {str(a): (a, 0, a, 10 * a, 0, 0, 0, 1) for a in range(1, 40)}
+        flush(dc, "fe-a#1", totals)  # all moved: the whole hash is read
+        flush(dc, "fe-b#1", {"2": (8,) * 8})  # one of three moved: only it is read
+        expected = {
+            "fe-a#1": {int(a): t for a, t in totals.items()},
+            "fe-b#1": {2: (8,) * 8},
+        }
+        with source.request_counters(dc, ["fe-a#1", "fe-b#1"], first) as pending:
+            client.set(dc.key("probe"), "meanwhile")  # the client is free meanwhile
+            read = pending.result()
+        assert {inc: as_dict(r) for inc, r in read.items()} == expected
+
+        # Asked for and never read (the cycle failed in between): the connection holding the
+        # replies is dropped, not handed back for the next command to read them as its own.
+        with source.request_counters(dc, ["fe-a#1", "fe-b#1"], first):
+            pass
+        assert client.get(dc.key("probe")) == b"meanwhile"
+        read = source.changed_counters(dc, ["fe-a#1", "fe-b#1"], first)
+        assert {inc: as_dict(r) for inc, r in read.items()} == expected
+    finally:
+        delete_keys(client, prefix)
+        client.close()
