@@ -249,8 +249,9 @@ def changed_counters(
     """Per incarnation, the apps whose counters it flushed after the sequence ``after`` (0:
     every app it ever flushed) with their cumulative totals: app ids, shape (n,), and totals,
     shape (n, 8) in ``FRONTEND_COUNTERS`` order (apps that did not change may come too, when
-    most of an incarnation's did). ``request_counters`` then ``PendingCounters.result``: read
-    at once."""
+    most of an incarnation's did): ``request_counters`` and ``PendingCounters.result`` at
+    once. A six-field value (an older gateway's) has 0 for the totals it does not hold; a
+    value that is neither is skipped and logged."""
     with request_counters(store, incarnations, after) as pending:
         return pending.result()
 
@@ -260,8 +261,11 @@ def request_counters(
 ) -> PendingCounters:
     """Ask for what ``changed_counters`` returns, and return before the replies come: Redis
     prepares them (at 100 000 busy apps, tens of MB of hash fields) while the caller does
-    something else, and ``PendingCounters.result`` reads them. One round trip first, for how
-    much of each incarnation's hash moved; a third for its totals when only part of one did.
+    something else, and ``PendingCounters.result`` reads them. A round trip first, for how
+    much of each incarnation's hash moved; then the hashes (or the apps that moved) are asked
+    for; and when only part of one moved, their totals in a last round trip. Redis holds the
+    replies in its output buffer meanwhile (a ``client-output-buffer-limit`` for normal
+    clients below that size would cut the connection; Redis sets none by default).
 
     A value flushed after the returned change (its sequence is later than the caller's
     cursor) is fine to apply: totals are absolute, and the next read sees the same or more.
