@@ -6,11 +6,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import fakeredis
 import numpy as np
 import pytest
 import redis
 
+from metering.core.redis import _sync_client
+from metering.core.settings import EMBEDDED_REDIS_URL
 from metering.gateway.sdk import Meter
 from metering.live.store import DatacenterStore
 from metering.rollups import source
@@ -233,10 +234,13 @@ def test_a_flush_without_eight_totals_is_refused_before_redis(dc: DatacenterStor
             flush(dc, "fe-a#1", {"1": totals})
 
 
+# The engine's own clients (its factory, with their production options): the real Redis over
+# each protocol, and the embedded stand-in.
+_QUERY = "&" if "?" in REDIS_URL else "?"
 CLIENTS = {
-    "resp2": lambda: redis.Redis.from_url(REDIS_URL, protocol=2),
-    "resp3": lambda: redis.Redis.from_url(REDIS_URL, protocol=3),
-    "embedded": lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer(), lua_modules=set()),
+    "resp2": lambda: _sync_client(f"{REDIS_URL}{_QUERY}protocol=2"),
+    "resp3": lambda: _sync_client(f"{REDIS_URL}{_QUERY}protocol=3"),
+    "embedded": lambda: _sync_client(EMBEDDED_REDIS_URL),
 }
 
 
