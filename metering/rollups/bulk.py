@@ -1,11 +1,12 @@
 """Bulk upserts: COPY into a staging table and one merge on Postgres; executemany otherwise.
 
-Measured in ``bench/aggregate.py``: for the many rows of a cycle (states and rollup rows,
-integer matrices), a COPY plus one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` beats
+Measured in ``bench/aggregate.py``: for the many rows of a cycle (rollup rows, integer
+matrices), a COPY plus one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` beats
 multi-row VALUES and ``unnest`` arrays on Postgres, because the rows cross the wire once and
 the merge runs in one statement. They travel in COPY's binary format, built by NumPy a chunk
-of rows at a time: no Python per value, and nothing for the server to parse. The few other
-rows (gaps, counter marks) go by ``executemany``; SQLite takes everything that way.
+of rows at a time: no Python per value, and nothing for the server to parse. The other rows
+(gaps, counter marks, ``usage_state``'s blocks) go by ``executemany``; SQLite takes
+everything that way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,6 @@ from sqlalchemy import (
 
 from metering.core.database import Base
 from metering.core.logging import get_logger
-from metering.rollups.fold import Ints
 
 log = get_logger(__name__)
 
@@ -228,153 +227,6 @@ def upsert_array(
     return len(rows)
 
 
-def _packed_dtype(width: int) -> np.dtype[Any]:
-    """A binary COPY record of (scope smallint, entity_id bigint, packed bytea of ``width``
-    big-endian int64)."""
-    return np.dtype(
-        [("n", ">i2"), ("l0", ">i4"), ("scope", ">i2"), ("l1", ">i4"), ("entity", ">i8"),
-         ("l2", ">i4"), ("packed", ">i8", (width,))]
-    )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Packed:
-    """``n`` records' packed values, ``width`` int64 each, written where they go by
-    ``fill(out, at)``: ``out`` is an (records ``at``) x ``width`` view to assign the values of
-    records ``at`` (a slice) to. The values need never be one matrix of all the records."""
-
-    width: int
-    n: int
-    fill: Fill
-
-    @classmethod
-    def of(cls, values: npt.NDArray[np.int64]) -> Packed:
-        def fill(out: npt.NDArray[Any], at: slice) -> None:
-            out[...] = values[at]
-
-        return cls(values.shape[1], len(values), fill)
-
-    def matrix(self) -> npt.NDArray[np.int64]:
-        out = np.empty((self.n, self.width), dtype=np.int64)
-        self.fill(out, slice(0, self.n))
-        return out
-
-
-def replace_packed(conn: Connection, table: str, parts: Sequence[tuple[Ints, Ints, Packed]]) -> int:
-    """Write records keyed by (scope, entity_id) as they now are: their one other column,
-    ``packed``, set to a row of int64 values as big-endian bytes; records not there yet
-    inserted (``usage_state``, ``metering.rollups.state``). ``parts``: (scopes, entity ids,
-    values) of records, each part's values of one width.
-
-    For records that are nearly all there already: on Postgres the rows travel by binary COPY
-    into a staging table, in chunks that ``Packed.fill`` writes straight into, then one
-    ``UPDATE ... FROM`` it, which joins it once, and costs less than an ``INSERT ... ON
-    CONFLICT DO UPDATE`` (an index probe and a speculative insertion per row;
-    ``bench/upsert_methods.py``). Only when it updated fewer records than it was given are the
-    missing ones inserted."""
-    parts = [p for p in parts if p[2].n]
-    n = sum(p[2].n for p in parts)
-    if not n:
-        return 0
-    if conn.dialect.name != "postgresql":
-        params = []
-        for scope, entity, packed in parts:
-            blobs = np.ascontiguousarray(packed.matrix(), dtype=">i8")
-            params += [
-                {"scope": int(s), "entity_id": int(e), "packed": blobs[i].tobytes()}
-                for i, (s, e) in enumerate(zip(scope.tolist(), entity.tolist(), strict=True))
-            ]
-        conn.execute(
-            text(
-                f"INSERT INTO {table} (scope, entity_id, packed) "  # noqa: S608
-                "VALUES (:scope, :entity_id, :packed) "
-                "ON CONFLICT (scope, entity_id) DO UPDATE SET packed = excluded.packed"
-            ),
-            params,
-        )
-        return n
-    runs = [
-        (_packed_dtype(packed.width), packed.n, _packed_fill(scope, entity, packed))
-        for scope, entity, packed in parts
-    ]
-    stage = f"_stage_{table}_packed"
-    definition = "scope smallint, entity_id bigint, packed bytea"
-    columns = ("scope", "entity_id", "packed")
-    width = max(p[2].width for p in parts)
-    with _copied(conn, stage, definition, columns, _copy_data(runs)) as cur:
-        # The join hashes the staged rows: in memory in one batch, not spilled in several
-        # to temporary files (at 100 000 states with the default 4 MB, 8 batches, and the
-        # UPDATE took 15 % longer). For the rest of this transaction only.
-        cur.execute(f"SET LOCAL work_mem = '{_hash_memory_kb(n, width + 2)}kB'")
-        match = "t.scope = s.scope AND t.entity_id = s.entity_id"
-        cur.execute(f"UPDATE {table} t SET packed = s.packed FROM {stage} s WHERE {match}")  # noqa: S608
-        if cur.rowcount < n:
-            cur.execute(
-                f"INSERT INTO {table} (scope, entity_id, packed) "  # noqa: S608
-                f"SELECT scope, entity_id, packed FROM {stage} s "
-                f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match}) "
-                "ON CONFLICT (scope, entity_id) DO UPDATE SET packed = excluded.packed"
-            )
-    return n
-
-
-def _packed_fill(scope: Ints, entity: Ints, packed: Packed) -> Fill:
-    def fill(out: npt.NDArray[Any], at: slice) -> None:
-        out["n"], out["l0"], out["l1"], out["l2"] = 3, 2, 8, 8 * packed.width
-        out["scope"] = scope[at]
-        out["entity"] = entity[at]
-        packed.fill(out["packed"], at)
-
-    return fill
-
-
-def select_packed(
-    conn: Connection, sql: str, width: int
-) -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
-    """The (scope smallint, entity_id bigint, packed) rows of ``sql``: scopes, entity ids,
-    and the packed values as an int64 matrix of ``width`` columns (a binary COPY on
-    Postgres). A row of another shape is an error, never misread."""
-    if conn.dialect.name != "postgresql":
-        found = conn.exec_driver_sql(sql).all()
-        blobs = [bytes(r[2]) for r in found]
-        if any(len(b) != 8 * width for b in blobs):
-            raise ValueError(_WIDTH_ERROR.format(width=8 * width))
-        values = np.frombuffer(b"".join(blobs), dtype=">i8").reshape(len(found), width)
-        keys = np.array([(r[0], r[1]) for r in found], dtype=np.int64).reshape(len(found), 2)
-        return keys[:, 0], keys[:, 1], values.astype(np.int64)
-    raw: Any = conn.connection.driver_connection
-    data = bytearray()
-    with raw.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as copy:
-        for block in copy:
-            data += block
-    body = memoryview(data)[len(_SIGNATURE) : max(len(data) - len(_TRAILER), len(_SIGNATURE))]
-    record = _packed_dtype(width)
-    if len(body) % record.itemsize:
-        raise ValueError(_WIDTH_ERROR.format(width=8 * width))
-    parsed = np.frombuffer(body, dtype=record)
-    shape = (parsed["n"] != 3) | (parsed["l0"] != 2) | (parsed["l1"] != 8)
-    if shape.any() or (parsed["l2"] != 8 * width).any():
-        raise ValueError(_WIDTH_ERROR.format(width=8 * width))
-    return (
-        parsed["scope"].astype(np.int64),
-        parsed["entity"].astype(np.int64),
-        parsed["packed"].astype(np.int64),
-    )
-
-
-_WIDTH_ERROR = (
-    "usage_state rows are not {width} bytes: the database and the code are at different "
-    "migrations (run `metering db upgrade`)"
-)
-
-
-def _hash_memory_kb(rows: int, values: int) -> int:
-    """Room for a hash table of ``rows`` of ``values`` each (a tuple's header, 8 bytes a
-    value, the bucket): at least Postgres's default 4 MB, at most 256 MB."""
-    needed = rows * (values * 8 + 64) * 3 // 2 // 1024
-    return int(min(max(needed, 4096), 256 * 1024))
-
-
 @contextmanager
 def _staged(
     conn: Connection,
@@ -443,8 +295,9 @@ def upsert(
 ) -> int:
     """Insert ``rows`` (tuples in ``columns`` order); on a key conflict set ``merge``.
 
-    For a few rows (gaps, counter marks), in one ``executemany``: a staging table would cost
-    more than it saves, above all for a mark of megabytes, which it would store twice.
+    For rows that are few or big (gaps, counter marks, ``usage_state``'s blocks of entities),
+    in one ``executemany``: a staging table would cost more than it saves, above all for
+    values of kilobytes or megabytes, which it would store twice.
 
     ``merge`` maps a column to an SQL expression in which ``excluded.col`` is the new value,
     ``{t}.col`` the stored one, and ``{greatest}`` / ``{least}`` the dialect's functions.
@@ -455,6 +308,15 @@ def upsert(
     on_conflict = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET " + _merge_sql(
         conn.dialect.name, table, merge
     )
+    if conn.dialect.name == "postgresql":
+        # psycopg's own executemany, in one pipeline, every value in binary: a bytea value
+        # travels as it is (not as hex, twice its size, to be parsed), and nothing is copied
+        # into a dict per row.
+        insert = f"INSERT INTO {table} ({cols}) VALUES ({', '.join(['%b'] * len(columns))}) "  # noqa: S608
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.executemany(insert + on_conflict, rows)
+        return len(rows)
     params = ", ".join(f":{c}" for c in columns)
     stmt = text(f"INSERT INTO {table} ({cols}) VALUES ({params}) {on_conflict}")  # noqa: S608
     conn.execute(stmt, [dict(zip(columns, row, strict=True)) for row in rows])

@@ -8,9 +8,9 @@ The design writes only what changed (see ``docs/rollups.md``):
   the entity was first seen: the time integral of connections and channels (``area``: one
   connection for one counted second is 1) and the cumulative counters; with them its latest
   minute row and where its latest hour, day and month rows start. All of it in one packed
-  value (``metering.rollups.state``): a busy entity's row is rewritten every cycle, and on
-  Postgres an UPDATE costs per column written. An entity that does not change costs nothing:
-  its value carries forward.
+  value, 64 entities of a scope to a row (``metering.rollups.state``): a busy entity's value
+  is rewritten every cycle, and on Postgres a rewrite costs per column and per row written.
+  A block none of whose entities changed costs nothing: its values carry forward.
 - ``usage_rollups`` holds one row per period in which something happened to the entity: the
   values carried in at the period's start (``*0``), the running totals at its start, and the
   extremes. A period's sums are the difference of the running totals at its two ends, so a
@@ -83,13 +83,14 @@ class UsageGap(Base):
 
 class UsageState(Base):
     """What the aggregator knows of each app and account: its state, its latest minute row
-    and where its latest hour, day and month rows start, packed in one value
-    (``metering.rollups.state``; migration 0012)."""
+    and where its latest hour, day and month rows start, packed, 64 entities of a scope to a
+    row (``metering.rollups.state``; migrations 0012 and 0014)."""
 
     __tablename__ = "usage_state"
 
     scope: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    entity_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # The entities' ids shifted right by ``state.BLOCK_BITS``.
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     packed: Mapped[bytes] = mapped_column(LargeBinary)
 
 

@@ -43,7 +43,6 @@ from metering.rollups.models import (
     UsageCursor,
     UsageGap,
     UsageRollup,
-    UsageState,
 )
 from metering.rollups.periods import Unit, interval_id
 
@@ -125,12 +124,8 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
         .first()
     )
     # The entity's state, with its latest minute row and its latest rows' starts.
-    packed = conn.execute(
-        select(UsageState.packed).where(
-            (UsageState.scope == query.scope) & (UsageState.entity_id == query.entity_id)
-        )
-    ).scalar()
-    state = entity_state.as_mapping(bytes(packed)) if packed is not None else None
+    packed = entity_state.packed_of(conn, query.scope, query.entity_id)
+    state = entity_state.as_mapping(packed) if packed is not None else None
     rows, nxt = _with_state(unit, rows, nxt, state, lo, hi)
     now = _now_point(state, cov)
     out: list[dict[str, Any]] = []

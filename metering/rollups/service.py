@@ -509,18 +509,12 @@ class Aggregator:
         idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
         begun = book.dirty_starts[idx]
         assert (book.rows[:, idx[begun], R_START] >= 0).all(), "a row began for every unit"
-        # A row that holds a closed minute row is written wider, with it.
-        holding = book.held[idx, R_START] >= 0
-        records = [
-            (*split(book.codes[ix]), _packed(book, ix, wide=wide))
-            for wide, ix in ((False, idx[~holding]), (True, idx[holding]))
-        ]
         # Minute rows were only ever in the state, and coarser rows never written were only
         # ever there and in memory: new to usage_rollups (inserted). The others may be there
         # already (merged).
         inserted = _row_matrix([*moved, *unwritten], horizons)
         merged = _row_matrix([*written, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
-        bulk.replace_packed(conn, "usage_state", records)
+        state.write(conn, *_blocks_of(book, idx))
         for block, new in ((inserted, True), (merged, False)):
             bulk.upsert_array(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
@@ -599,20 +593,22 @@ class Aggregator:
         )  # fmt: skip
 
 
-def _packed(book: Book, idx: Ints, *, wide: bool) -> bulk.Packed:
-    """The entities' ``usage_state.packed`` values (``state.FIELDS``, then with ``wide`` the
-    minute row each holds, ``state.HELD_ROW``), gathered from the book a chunk at a time."""
-    fields = len(state.FIELDS) + (len(state.HELD_ROW) if wide else 0)
-
-    def fill(out: npt.NDArray[Any], at: slice) -> None:
-        ix = idx[at]
-        out[:, state.STATE_COLUMNS] = book.state[ix]
-        out[:, state.MINUTE_COLUMNS] = book.rows[0, ix]
-        out[:, state.STARTS_COLUMNS] = book.rows[1:, ix, R_START].T
-        if wide:
-            out[:, state.HELD_COLUMNS] = book.held[ix]
-
-    return bulk.Packed(fields, len(idx), fill)
+def _blocks_of(book: Book, idx: Ints) -> tuple[Ints, Ints, npt.NDArray[Any]]:
+    """The entities of every ``usage_state`` block that holds one of the entities ``idx``
+    (scopes, ids, values: ``state.write``), in (scope, id) order, with their values as the book
+    has them (a held start of -1 where an entity holds no closed minute row)."""
+    scopes, ids = split(book.codes[: book.size])
+    blocks = state.block_of(ids) * 4 + scopes
+    touched = np.unique(blocks[idx])
+    at = np.minimum(np.searchsorted(touched, blocks), max(touched.size - 1, 0))
+    members = np.flatnonzero(touched[at] == blocks) if touched.size else idx
+    members = members[np.lexsort((ids[members], scopes[members]))]  # as encode orders them
+    values = np.empty((len(members), state.ALL), dtype=state.DTYPE)
+    values[:, state.STATE_COLUMNS] = book.state[members]
+    values[:, state.MINUTE_COLUMNS] = book.rows[0, members]
+    values[:, state.STARTS_COLUMNS] = book.rows[1:, members, R_START].T
+    values[:, state.HELD_COLUMNS] = book.held[members]
+    return scopes[members], ids[members], values
 
 
 def _coarse_rows(

@@ -1,4 +1,4 @@
-"""``usage_state.packed``: what the aggregator knows of one entity, in one value.
+"""``usage_state``: what the aggregator knows of each entity, 64 entities to a row.
 
 Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes):
 
@@ -8,32 +8,44 @@ Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes
   its start, its extremes so far);
 - where its latest hour, day and month rows start;
 - and, for a while after a minute ends for the entity, the minute row that closed
-  (``HELD_ROW``, laid out as the minute row): a row becomes 480 bytes instead of 312. The
-  aggregator moves held rows to ``usage_rollups`` a share per cycle, so that a minute's first
-  cycle, which closes every busy entity's minute row at once, does not also write them all
-  there; a held row is the entity's, read with its other minute rows, until then.
+  (``HELD_ROW``, laid out as the minute row): 480 bytes instead of 312. The aggregator moves
+  held rows to ``usage_rollups`` a share per cycle, so that a minute's first cycle, which
+  closes every busy entity's minute row at once, does not also write them all there; a held
+  row is the entity's, read with its other minute rows, until then.
 
-Migration 0012 packed what were 23 columns of ``usage_state`` and 20 of ``usage_starts``.
-On Postgres every column of a rewritten row costs its share of the UPDATE, whether it changed
-or not: measured on 120 000 rows, 21 bigint columns took 450 ms and 42 took 700, where one
-``bytea`` of 21 values took 300 ms and of 42 values 375. A busy entity's row is rewritten
-every cycle, and at every minute its minute row begins again, which the separate starts table
-cost as a second UPDATE of every busy entity.
+A row of ``usage_state`` (migration 0014) holds the entities of one scope whose ids share all
+but their low ``BLOCK_BITS`` bits (its ``block``: ``id >> BLOCK_BITS``), in one ``packed``
+value of big-endian int64 words:
+
+- ``n``, the entities in it (1 to ``BLOCK``);
+- their ids, ascending;
+- their widths, ``len(FIELDS)`` or ``ALL`` (with a held row);
+- the ``FIELDS`` of each, in that order;
+- then the ``HELD_ROW`` of each that holds one, in that order.
+
+A busy entity's values change every cycle, and Postgres pays per row rewritten: an index
+entry, a tuple header, a TOAST pointer. Measured on 120 000 entities' values (312 bytes), one
+row each took 0.9 to 1.3 s to rewrite (COPY into a staging table, then one ``UPDATE ...
+FROM``), 1 875 rows of 64 entities 0.30 to 0.39 s (``bench/upsert_methods.py``). A block's
+value is 20 to 30 kB, stored out of line and uncompressed (``STORAGE EXTERNAL``: pglz would
+compress every block on every write, 7 to 9 s a cycle). A block is always written whole, from
+the aggregator's book, which holds every entity.
 
 "No such row" is -1 in a start (``minute``, ``hour``, ``day``, ``month``) and in
-``minute_peak`` (no counted second yet), as in the aggregator's book. Big-endian, so that
-Postgres can read a field itself: field ``i`` is
-``('x' || encode(substring(packed from 8 * i + 1 for 8), 'hex'))::bit(64)::bigint``.
+``minute_peak`` (no counted second yet), as in the aggregator's book.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Connection
 
 from metering.rollups import bulk
+from metering.rollups.fold import Ints
 from metering.rollups.models import COUNTERS
 
 _ROW = (
@@ -48,6 +60,9 @@ HELD_ROW = ("held", *(f"held_{c}" for c in _ROW))
 WIDTH = 8 * len(FIELDS)
 HELD_WIDTH = WIDTH + 8 * len(HELD_ROW)  # a row that holds a closed minute row
 DTYPE = np.dtype(">i8")
+ALL = len(FIELDS) + len(HELD_ROW)
+BLOCK_BITS = 6
+BLOCK = 1 << BLOCK_BITS  # entities to a usage_state row, at most
 _AT = {name: i for i, name in enumerate((*FIELDS, *HELD_ROW))}
 # Where each part lies in a packed matrix's columns.
 STATE_COLUMNS = slice(0, len(STATE))
@@ -60,38 +75,147 @@ def column(name: str) -> int:
     return _AT[name]
 
 
-def select(conn: Connection, where: str = "TRUE") -> tuple[Any, Any, Any]:
-    """The state rows that meet ``where`` (SQL on ``usage_state``): scopes, entity ids, and
-    their values as one int64 matrix of ``FIELDS`` then ``HELD_ROW`` (a held start of -1
-    where a row holds none, and a minute start of -1 where the minute row has no counted
-    second, as ``as_mapping`` reads them). A row of another width is an error, never
-    misread."""
-    widths = (len(FIELDS), len(FIELDS) + len(HELD_ROW))
-    others = conn.exec_driver_sql(
-        f"SELECT count(*) FROM usage_state WHERE ({where}) AND length(packed) NOT IN "  # noqa: S608
-        f"({', '.join(str(8 * w) for w in widths)})"
-    ).scalar()
-    if others:
-        raise ValueError(
-            f"{others} usage_state rows are of another width: the database and the code "
-            "are at different migrations (run `metering db upgrade`)"
-        )
-    parts = [
-        bulk.select_packed(
-            conn,
-            f"SELECT scope, entity_id, packed FROM usage_state "  # noqa: S608
-            f"WHERE ({where}) AND length(packed) = {8 * width} ORDER BY scope, entity_id",
-            width,
-        )
-        for width in widths
-    ]
-    narrow = np.full((len(parts[0][2]), widths[1]), -1, dtype=np.int64)
-    narrow[:, : widths[0]] = parts[0][2]
-    scopes = np.concatenate([parts[0][0], parts[1][0]])
-    ids = np.concatenate([parts[0][1], parts[1][1]])
-    values = np.concatenate([narrow, parts[1][2]])
+def block_of(ids: Ints) -> Ints:
+    """The block each entity id lies in (``BLOCK`` ids to a block)."""
+    return ids >> BLOCK_BITS
+
+
+def encode(scopes: Ints, ids: Ints, values: npt.NDArray[Any]) -> list[tuple[int, int, bytes]]:
+    """The ``usage_state`` rows (scope, block, packed) of the entities given: ``values`` per
+    entity ``FIELDS`` then ``HELD_ROW`` (a held start of -1: no held row; big-endian int64
+    avoids a copy). A block is written whole: the entities must be every member of each block
+    they touch (``members``).
+
+    NumPy does the work: the entities sorted by (scope, id), the fields of all of them in one
+    matrix and the held rows of the wide ones in another, so that each block's fields and held
+    rows are consecutive rows of those; per block, Python only joins its four slices."""
+    if not len(ids):
+        return []
+    later = (scopes[1:] > scopes[:-1]) | ((scopes[1:] == scopes[:-1]) & (ids[1:] > ids[:-1]))
+    if not later.all():
+        order = np.lexsort((ids, scopes))
+        scopes, ids, values = scopes[order], ids[order], values[order]
+    held = values[:, len(FIELDS)] >= 0
+    fields = np.ascontiguousarray(values[:, : len(FIELDS)], dtype=DTYPE)
+    held_rows = np.ascontiguousarray(values[held, len(FIELDS) :], dtype=DTYPE)
+    blocks = block_of(ids)
+    edges = np.flatnonzero((np.diff(blocks) != 0) | (np.diff(scopes) != 0)) + 1
+    first = np.concatenate([[0], edges])
+    last = np.concatenate([edges, [len(ids)]])
+    held_before = np.concatenate([[0], np.cumsum(held)])  # wide entities before each one
+    counts = (last - first).astype(DTYPE).data
+    big_ids, widths = ids.astype(DTYPE).data, np.where(held, ALL, len(FIELDS)).astype(DTYPE).data
+    # (flat views: a slice of a 2-D memoryview cannot be joined)
+    fields_of, held_of = fields.reshape(-1).data, held_rows.reshape(-1).data
+    f, h = len(FIELDS), len(HELD_ROW)
+    return [
+        (s, k, b"".join((counts[i : i + 1], big_ids[a:b], widths[a:b], fields_of[a * f : b * f],
+                         held_of[c * h : d * h])))
+        for i, (a, b, c, d, s, k) in enumerate(zip(
+            first.tolist(), last.tolist(), held_before[first].tolist(),
+            held_before[last].tolist(), scopes[first].tolist(), blocks[first].tolist(),
+            strict=True,
+        ))
+    ]  # fmt: skip
+
+
+def write(conn: Connection, scopes: Ints, ids: Ints, values: npt.NDArray[Any]) -> int:
+    """Write the blocks of the entities given as they now are (``encode``: every member of each
+    block they touch), inserted or replaced, in one ``executemany``; the blocks written."""
+    rows = encode(scopes, ids, values)
+    return bulk.upsert(
+        conn, "usage_state", columns=("scope", "block", "packed"), keys=("scope", "block"),
+        rows=rows, merge={"packed": "excluded.packed"},
+    )  # fmt: skip
+
+
+def decode(rows: Sequence[tuple[int, int, bytes]]) -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
+    """The entities of ``usage_state`` rows (scope, block, packed): scopes, ids and values as
+    ``encode`` takes them (a held start of -1 where an entity holds no minute row), in the
+    rows' order. A value of another shape is an error, never misread.
+
+    All rows at once: their values joined in one buffer, each field's place found by NumPy
+    from the counts and widths (the aggregator's cold start reads 2 000 blocks)."""
+    f, h = len(FIELDS), len(HELD_ROW)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, ALL), np.int64)
+    words = np.fromiter((len(p) for _, _, p in rows), dtype=np.int64, count=len(rows))
+    bad = (words % 8 != 0) | (words < 8)
+    if bad.any():
+        raise _malformed(rows, bad)
+    words //= 8
+    starts = np.concatenate([[0], np.cumsum(words)[:-1]])
+    flat = np.frombuffer(b"".join(p for _, _, p in rows), dtype=DTYPE).astype(np.int64)
+    n = flat[starts]
+    bad = (n <= 0) | (n > BLOCK) | (words < 1 + 2 * n)
+    if bad.any():
+        raise _malformed(rows, bad)
+    of = np.repeat(np.arange(len(rows)), n)  # each entity's row
+    first = np.concatenate([[0], np.cumsum(n)[:-1]])
+    rank = np.arange(len(of)) - first[of]  # its place in its row
+    ids = flat[starts[of] + 1 + rank]
+    widths = flat[starts[of] + 1 + n[of] + rank]
+    wide = widths == ALL
+    blocks = np.array([k for _, k, _ in rows], dtype=np.int64)
+    wrong = ((widths != f) & ~wide) | (block_of(ids) != blocks[of])
+    wrong[1:] |= (of[1:] == of[:-1]) & (ids[1:] <= ids[:-1])  # ascending in its row
+    bad = np.bincount(of[wrong], minlength=len(rows)) > 0
+    bad |= words != 1 + (2 + f) * n + h * np.bincount(of[wide], minlength=len(rows))
+    if bad.any():
+        raise _malformed(rows, bad)
+    # Each word's part of its row: count, ids, widths, fields (3), held rows (4); the fields
+    # of all entities are then the words of part 3, in order, and so are the held rows.
+    sizes = np.column_stack([np.ones_like(n), n, n, f * n, words - (1 + (2 + f) * n)])
+    part = np.repeat(np.tile(np.arange(5, dtype=np.int8), len(rows)), sizes.ravel())
+    values = np.full((len(of), ALL), -1, dtype=np.int64)
+    values[:, :f] = flat[part == 3].reshape(-1, f)
+    values[wide, f:] = flat[part == 4].reshape(-1, h)
+    scopes = np.array([s for s, _, _ in rows], dtype=np.int64)[of]
+    return scopes, ids, values
+
+
+def _malformed(rows: Sequence[tuple[int, int, bytes]], bad: npt.NDArray[np.bool_]) -> ValueError:
+    scope, block, _ = rows[int(np.argmax(bad))]
+    return ValueError(
+        f"usage_state row ({scope}, {block}) is not a block of entity values (and "
+        f"{int(bad.sum()) - 1} more): the database and the code are at different migrations "
+        "(run `metering db upgrade`)"
+    )
+
+
+def _rows(conn: Connection, where: str) -> list[tuple[int, int, bytes]]:
+    # Identifiers and conditions come from the code, never from input.
+    sql = f"SELECT scope, block, packed FROM usage_state WHERE {where} ORDER BY scope, block"  # noqa: S608
+    if conn.dialect.name != "postgresql":
+        return [(s, k, bytes(p)) for s, k, p in conn.exec_driver_sql(sql).all()]
+    raw: Any = conn.connection.driver_connection
+    with raw.cursor(binary=True) as cur:  # the values as they are stored, not in hex
+        cur.execute(sql)
+        return [(s, k, bytes(p)) for s, k, p in cur.fetchall()]
+
+
+def select(conn: Connection, where: str = "TRUE") -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
+    """The entities in the ``usage_state`` rows that meet ``where`` (SQL on its scope and
+    block): scopes, entity ids, and their values as one int64 matrix of ``FIELDS`` then
+    ``HELD_ROW`` (a held start of -1 where an entity holds no row, and a minute start of -1
+    where its minute row has no counted second, as ``as_mapping`` reads them), in (scope,
+    id) order."""
+    scopes, ids, values = decode(_rows(conn, where))
     values[values[:, _AT["minute_peak"]] < 0, _AT["minute"]] = -1
     return scopes, ids, values
+
+
+def packed_of(conn: Connection, scope: int, entity_id: int) -> bytes | None:
+    """One entity's value as ``as_mapping`` reads it (``FIELDS``, then ``HELD_ROW`` if it
+    holds a row), None if ``usage_state`` has none."""
+    where = f"scope = {int(scope)} AND block = {int(entity_id) >> BLOCK_BITS}"
+    _, ids, values = decode(_rows(conn, where))
+    at = np.flatnonzero(ids == entity_id)
+    if at.size:
+        row = values[at[0]]
+        out: bytes = row[: ALL if row[len(FIELDS)] >= 0 else len(FIELDS)].astype(DTYPE).tobytes()
+        return out
+    return None
 
 
 def as_mapping(blob: bytes) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """The bulk writes the aggregator's cycle makes: a binary COPY that Postgres reads back as
-sent, writing states as they now are (updated where they exist, inserted where not), and
+sent, writing the blocks of entity states as they now are (replaced where they exist,
+inserted where not), refusing blocks of another shape, and
 inserting closed minute rows (merged instead, should one be there already) on Postgres and on
 SQLite alike."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +16,9 @@ from sqlalchemy import Engine, text
 
 from metering.core.database import make_engine
 from metering.core.migrate import upgrade
-from metering.rollups import bulk
+from metering.rollups import bulk, state
 from metering.rollups.service import _ROW_MERGE, ROW_COLUMNS
-from metering.rollups.state import FIELDS, HELD_ROW, HELD_WIDTH, WIDTH, as_mapping, pack
+from metering.rollups.state import ALL, FIELDS, HELD_ROW, HELD_WIDTH, WIDTH, as_mapping, pack
 from tests.scratch import scratch_database
 
 
@@ -35,93 +37,127 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         eng.dispose()
 
 
-def states(*entities: tuple[int, int]) -> np.ndarray:
-    """A packed state per (entity id, value): every field the value, the last one minus it
-    (big-endian bytes of negative numbers, too)."""
-    out = np.zeros((len(entities), len(FIELDS)), dtype=np.int64)
-    for i, (_, value) in enumerate(entities):
-        out[i] = value
-        out[i, -1] = -value
+def values_of(*entities: tuple[int, int, int]) -> np.ndarray:
+    """Each (scope, entity id, value)'s values as the aggregator writes them: every field the
+    value, the last field minus it (big-endian bytes of negative numbers, too), no held row."""
+    out = np.full((len(entities), ALL), -1, dtype=np.int64)
+    for i, (_, _, value) in enumerate(entities):
+        out[i, : len(FIELDS)] = value
+        out[i, len(FIELDS) - 1] = -value
     return out
 
 
-def stored(engine: Engine) -> dict[int, list[int]]:
+def stored(engine: Engine) -> dict[tuple[int, int], list[int]]:
+    """Every entity's values as the aggregator loads them, by (scope, id); ``select`` returns
+    them in that order."""
     with engine.connect() as conn:
-        scope, entity, packed = bulk.select_packed(
-            conn, "SELECT scope, entity_id, packed FROM usage_state", len(FIELDS)
+        scopes, ids, values = state.select(conn)
+    keys = list(zip(scopes.tolist(), ids.tolist(), strict=True))
+    assert keys == sorted(keys)
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def write(engine: Engine, *entities: tuple[int, int, int]) -> int:
+    scopes = np.array([s for s, _, _ in entities], dtype=np.int64)
+    ids = np.array([e for _, e, _ in entities], dtype=np.int64)
+    with engine.begin() as conn:
+        return state.write(conn, scopes, ids, values_of(*entities))
+
+
+def expected(*entities: tuple[int, int, int]) -> dict[tuple[int, int], list[int]]:
+    return {(s, e): values_of((s, e, v))[0].tolist() for s, e, v in entities}
+
+
+def test_blocks_are_written_as_they_now_are_whether_or_not_they_were_there(
+    engine: Engine,
+) -> None:
+    """64 ids of a scope to a row: ids 1 and 63 share one, 64 begins the next, and scope 2's
+    id 1 is apart from scope 1's. Each write gives every member of the blocks it touches."""
+    first = ((1, 1, 10), (1, 63, 630), (1, 64, 640), (2, 1, 21))
+    assert write(engine, *first) == 3  # all new
+    assert stored(engine) == expected(*first)
+
+    again = ((2, 1, 22), (1, 64, 641), (1, 1, 11), (1, 63, 631))  # (any order)
+    assert write(engine, *again) == 3  # all there: replaced
+    assert stored(engine) == expected(*again)
+
+    some = ((1, 1, 12), (1, 2, 20), (1, 63, 632), (1, 200, 2000))  # block 0 and a new one
+    assert write(engine, *some) == 2
+    assert stored(engine) == expected(*some, (1, 64, 641), (2, 1, 22))
+    assert write(engine, *some) == 2  # the same again (a replay): no change
+    assert stored(engine) == expected(*some, (1, 64, 641), (2, 1, 22))
+
+    with engine.connect() as conn:  # one entity as the stats API reads it
+        one = state.packed_of(conn, 1, 63)
+        assert state.packed_of(conn, 1, 3) is None  # in a block, not in it
+        assert state.packed_of(conn, 2, 200) is None  # no such block
+        rows = conn.execute(text("SELECT scope, block FROM usage_state ORDER BY 1, 2")).all()
+    assert one == pack(dict.fromkeys(FIELDS[:-1], 632) | {FIELDS[-1]: -632})
+    assert one[:8] == (632).to_bytes(8, "big")
+    assert [tuple(r) for r in rows] == [(1, 0), (1, 1), (1, 3), (2, 0)]
+
+
+def test_entities_of_two_widths_share_a_block_and_read_back_each_as_written(
+    engine: Engine,
+) -> None:
+    """An entity holding a closed minute row is wider (``state.HELD_ROW``): both kinds in one
+    block, each read back whole, and a held row leaves when the entity is written without it."""
+    wide = values_of((1, 2, 20))
+    wide[0, len(FIELDS) :] = 7
+    both = np.concatenate([values_of((1, 1, 10)), wide, values_of((1, 5, 50))])
+    with engine.begin() as conn:
+        state.write(conn, np.ones(3, np.int64), np.array([1, 2, 5]), both)
+    with engine.connect() as conn:
+        found = {e: state.packed_of(conn, 1, e) for e in (1, 2, 5)}
+        assert len(conn.execute(text("SELECT packed FROM usage_state")).scalar()) == 8 * (
+            1 + 2 * 3 + 3 * len(FIELDS) + len(HELD_ROW)
         )
-    assert set(scope.tolist()) <= {1}
-    return dict(zip(entity.tolist(), packed.tolist(), strict=True))
+    assert [len(found[e] or b"") for e in (1, 2, 5)] == [WIDTH, HELD_WIDTH, WIDTH]
+    assert as_mapping(found[1] or b"")["held"] is None
+    got = as_mapping(found[2] or b"")
+    assert (got["held"], got["held_ch_min"], got["conns"]) == (7, 7, 20)
+    assert as_mapping(found[5] or b"")["conns"] == 50
+    assert stored(engine)[(1, 2)] == both[1].tolist()
 
-
-def replace(engine: Engine, *entities: tuple[int, int]) -> None:
-    ids = np.array([e for e, _ in entities], dtype=np.int64)
     with engine.begin() as conn:
-        scope = np.ones(len(ids), np.int64)
-        bulk.replace_packed(conn, "usage_state", [(scope, ids, bulk.Packed.of(states(*entities)))])
-
-
-def test_states_are_written_as_they_now_are_whether_or_not_they_were_there(
-    engine: Engine,
-) -> None:
-    def held(value: int) -> list[int]:
-        return [value] * (len(FIELDS) - 1) + [-value]
-
-    replace(engine, (1, 10), (2, 20))  # all new
-    assert stored(engine) == {1: held(10), 2: held(20)}
-
-    replace(engine, (2, 21), (1, 11))  # all there: updated
-    assert stored(engine) == {1: held(11), 2: held(21)}
-
-    replace(engine, (3, 30), (1, 12), (4, 40))  # some there, some new
-    assert stored(engine) == {1: held(12), 2: held(21), 3: held(30), 4: held(40)}
-
-    replace(engine, (3, 30), (1, 12), (4, 40))  # the same again (a replay): no change
-    assert len(stored(engine)) == 4
-    with engine.connect() as conn:  # as Postgres and SQLite store it: 8 big-endian bytes each
-        blob = conn.execute(text("SELECT packed FROM usage_state WHERE entity_id = 3")).scalar()
-    assert bytes(blob) == pack(dict.fromkeys(FIELDS[:-1], 30) | {FIELDS[-1]: -30})
-    assert bytes(blob)[:8] == (30).to_bytes(8, "big")
-
-
-def test_states_of_two_widths_go_in_one_write_and_read_back_each_as_written(
-    engine: Engine,
-) -> None:
-    """A state row holding a closed minute row is wider (``state.HELD_ROW``): both kinds in
-    one write, each read back whole, and a held row leaves when the row is written narrow."""
-    narrow = states((1, 10))
-    wide = np.concatenate([states((2, 20)), np.full((1, len(HELD_ROW)), 7)], axis=1)
-    ones = np.ones(1, np.int64)
-    with engine.begin() as conn:
-        bulk.replace_packed(
-            conn, "usage_state",
-            [(ones, ones, bulk.Packed.of(narrow)), (ones, ones + 1, bulk.Packed.of(wide))],
-        )  # fmt: skip
+        state.write(
+            conn,
+            np.ones(3, np.int64),
+            np.array([1, 2, 5]),
+            values_of((1, 1, 10), (1, 2, 20), (1, 5, 50)),
+        )
     with engine.connect() as conn:
-        found = dict(conn.execute(text("SELECT entity_id, packed FROM usage_state")).all())
-    assert len(found[1]) == WIDTH
-    assert len(found[2]) == HELD_WIDTH
-    assert as_mapping(bytes(found[1]))["held"] is None
-    got = as_mapping(bytes(found[2]))
-    assert got["held"] == 7
-    assert got["held_ch_min"] == 7
-    assert got["conns"] == 20
-
-    with engine.begin() as conn:
-        bulk.replace_packed(conn, "usage_state", [(ones, ones + 1, bulk.Packed.of(narrow))])
-    with engine.connect() as conn:
-        again = conn.execute(text("SELECT packed FROM usage_state WHERE entity_id = 2")).scalar()
-    assert as_mapping(bytes(again))["held"] is None
+        assert as_mapping(state.packed_of(conn, 1, 2) or b"")["held"] is None
 
 
-def test_a_state_of_another_width_is_refused_with_the_migration_to_run(engine: Engine) -> None:
+def _block(*words: int) -> bytes:
+    return struct.pack(f">{len(words)}q", *words)
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [
+        (_block(1, 1, len(FIELDS), *range(len(FIELDS)))[:-3], "a length that is not words"),
+        (_block(1, 1, len(FIELDS), *range(len(FIELDS) - 1)), "a value short of a field"),
+        (_block(1, 1, 40, *range(40)), "a width of neither kind"),
+        (_block(0), "no entity"),
+        (_block(1, 64, len(FIELDS), *range(len(FIELDS))), "an id of another block"),
+        (_block(2, 3, 1, *[len(FIELDS)] * 2, *range(2 * len(FIELDS))), "ids out of order"),
+        (b"\x00" * 8 * len(FIELDS), "one entity's value, as before migration 0014"),
+    ],
+)
+def test_a_block_of_another_shape_is_refused_with_the_migration_to_run(
+    engine: Engine, value: bytes, what: str
+) -> None:
     with engine.begin() as conn:
         conn.execute(
-            text("INSERT INTO usage_state (scope, entity_id, packed) VALUES (1, 1, :p)"),
-            {"p": b"\x00" * 8 * (len(FIELDS) - 1)},
+            text("INSERT INTO usage_state (scope, block, packed) VALUES (1, 0, :p)"), {"p": value}
         )
-    with engine.connect() as conn, pytest.raises(ValueError, match="metering db upgrade"):
-        bulk.select_packed(conn, "SELECT scope, entity_id, packed FROM usage_state", len(FIELDS))
+    with engine.connect() as conn:
+        with pytest.raises(ValueError, match="metering db upgrade"):
+            state.select(conn)
+        with pytest.raises(ValueError, match="metering db upgrade"):
+            state.packed_of(conn, 1, 1)
 
 
 def test_a_binary_copy_reads_back_as_the_matrix_it_was_built_from() -> None:

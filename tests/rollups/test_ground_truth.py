@@ -30,10 +30,10 @@ from metering.gateway.sdk import Meter
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups import query
+from metering.rollups import state as entity_state
 from metering.rollups.fold import ACCOUNT, APP, R_PEAK, period_start
 from metering.rollups.periods import Unit, interval_id
 from metering.rollups.service import HELD_WITHIN, Aggregator
-from metering.rollups.state import WIDTH, as_mapping
 from tests.conftest import Env
 from tests.factories import Tenant, tenant
 from tests.scratch import REDIS_URL
@@ -231,10 +231,12 @@ def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a scrip
     if held_within is None:
         assert _held_rows()
     with get_engine().connect() as conn:
+        scopes, ids, values = entity_state.select(conn)
+        at = values[:, entity_state.column("held")]
         held = [
-            (scope, entity, s["held"])
-            for scope, entity, packed in conn.execute(text("SELECT * FROM usage_state"))
-            if (s := as_mapping(bytes(packed)))["held"] is not None
+            (scope, entity, start)
+            for scope, entity, start in zip(scopes.tolist(), ids.tolist(), at.tolist(), strict=True)
+            if start >= 0
         ]
         moved = set(
             conn.execute(
@@ -317,8 +319,9 @@ def _assert_a_fresh_aggregator_loads_the_same(
 def _held_rows() -> list[int]:
     """The start of each closed minute row held in a state row."""
     with get_engine().connect() as conn:
-        rows = conn.execute(text(f"SELECT packed FROM usage_state WHERE length(packed) > {WIDTH}"))
-        return [as_mapping(bytes(packed))["held"] for (packed,) in rows]
+        _, _, values = entity_state.select(conn)
+    at = values[:, entity_state.column("held")]
+    return at[at >= 0].tolist()
 
 
 def _fetch(client: TestClient, key: str, scope: str, unit: Unit) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """How the aggregator stores what it knows: counter marks apply only what a total holds
 beyond them, and the migrations to the packed marks, to the minute row held in the state and
-to the refusal counters carry the data both ways."""
+to the refusal counters, and to the state in blocks carry the data both ways."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from alembic import command
-from sqlalchemy import Connection, create_engine, inspect, text
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, inspect, text
 
 from metering.core.migrate import alembic_config, upgrade
+from metering.rollups import state
 from metering.rollups.marks import Marks
 from metering.rollups.state import HELD_ROW, as_mapping, pack
 from tests.scratch import scratch_database
@@ -143,6 +145,20 @@ def _database(dialect: str, tmp_path: Path) -> Iterator[str]:
             yield url
 
 
+@contextmanager
+def _migrated(dialect: str, tmp_path: Path, revision: str) -> Iterator[tuple[Config, Engine]]:
+    """Alembic's config and an engine of a database of its own (``_database``) taken down to
+    ``revision``."""
+    with _database(dialect, tmp_path) as url:
+        cfg = alembic_config(url)
+        command.downgrade(cfg, revision)
+        engine = create_engine(url)
+        try:
+            yield cfg, engine
+        finally:
+            engine.dispose()
+
+
 def _columns(conn: Connection, table: str) -> dict[str, tuple[str, bool, object]]:
     """Each column's (type, nullable, server default) as the database declares it."""
     found = inspect(conn).get_columns(table)
@@ -177,90 +193,82 @@ def test_migration_0007_adds_the_refusal_counters_at_zero_and_repacks_the_marks_
     )
     # Marks as 0006 packs them: per app its id and six totals.
     old = np.array([[3, 0, 0, 7, 700, 14, 1400], [12, 1, 2, 3, 4, 5, 6]], dtype="<i8")
-    with _database(dialect, tmp_path) as url:
-        cfg = alembic_config(url)
+    with _migrated(dialect, tmp_path, "0006") as (cfg, engine):
+        with engine.begin() as conn:
+            # Entity (1, 7) holds its latest minute row in its state; (2, 9) holds none.
+            conn.execute(
+                text(
+                    f"INSERT INTO usage_state (scope, entity_id, {totals}, minute, "
+                    "minute_refused0, minute_peak) VALUES "
+                    "(1, 7, 5, 2, 0, 1, 10, 0, 0, 0, 0, 0, 1, 0, 0, 120, 2, 3), "
+                    "(2, 9, 5, 2, 0, 1, 10, 0, 0, 0, 0, 0, 1, 0, 0, NULL, NULL, NULL)"
+                )
+            )
+            for scope, entity, unit, start in rows:
+                conn.execute(
+                    text(
+                        f"INSERT INTO usage_rollups (scope, entity_id, unit, period_start, "
+                        f"{figures}) VALUES ({scope}, {entity}, {unit}, {start}, "
+                        "1, 0, 0, 10, 0, 0, 1, 0, 5, 50, 0, 0, 3, 61, 1, 0, 0, 0)"
+                    )
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO usage_marks (datacenter, incarnation, packed, retired, "
+                    "updated) VALUES ('dc1', 'fe-1#a', :p, false, 0)"
+                ),
+                {"p": old.tobytes()},
+            )
+
+        command.upgrade(cfg, "0007")
+        with engine.connect() as conn:
+            state = conn.execute(
+                text(
+                    "SELECT entity_id, refused, ch_refused, msg_refused, minute_refused0, "
+                    "minute_ch_refused0, minute_msg_refused0 FROM usage_state ORDER BY 1"
+                )
+            ).all()
+            assert [tuple(r) for r in state] == [
+                (7, 2, 0, 0, 2, 0, 0),
+                (9, 2, 0, 0, None, None, None),
+            ]
+            stored = conn.execute(
+                text("SELECT pub_b0, peak_at, ch_refused0, msg_refused0 FROM usage_rollups")
+            ).all()
+            assert [tuple(r) for r in stored] == [(50, 61, 0, 0)] * len(rows)
+            packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
+            marks = Marks.unpack(packed)
+            assert marks.apps.tolist() == [3, 12]
+            assert marks.totals.tolist() == [[*r[1:], 0, 0] for r in old.tolist()]
+            # Declared exactly as the counters beside them, on every partition.
+            declared = _columns(conn, "usage_state")
+            for c in ("ch_refused", "msg_refused"):
+                assert declared[c] == declared["refused"]
+                assert declared[f"minute_{c}0"] == declared["minute_refused0"]
+            tables = _rollup_tables(conn)
+            if dialect == "postgresql":
+                assert {"usage_rollups_minute_default", "usage_rollups_hour_default"} <= set(tables)
+            for table in tables:
+                declared = _columns(conn, table)
+                for c in ("ch_refused0", "msg_refused0"):
+                    assert declared[c] == declared["refused0"], (table, c)
+        since = np.arange(8)  # counted since, per total
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE usage_marks SET packed = :p"),
+                {"p": Marks(marks.apps, marks.totals + since).pack()},
+            )
+
         command.downgrade(cfg, "0006")
-        engine = create_engine(url)
-        try:
-            with engine.begin() as conn:
-                # Entity (1, 7) holds its latest minute row in its state; (2, 9) holds none.
-                conn.execute(
-                    text(
-                        f"INSERT INTO usage_state (scope, entity_id, {totals}, minute, "
-                        "minute_refused0, minute_peak) VALUES "
-                        "(1, 7, 5, 2, 0, 1, 10, 0, 0, 0, 0, 0, 1, 0, 0, 120, 2, 3), "
-                        "(2, 9, 5, 2, 0, 1, 10, 0, 0, 0, 0, 0, 1, 0, 0, NULL, NULL, NULL)"
-                    )
-                )
-                for scope, entity, unit, start in rows:
-                    conn.execute(
-                        text(
-                            f"INSERT INTO usage_rollups (scope, entity_id, unit, period_start, "
-                            f"{figures}) VALUES ({scope}, {entity}, {unit}, {start}, "
-                            "1, 0, 0, 10, 0, 0, 1, 0, 5, 50, 0, 0, 3, 61, 1, 0, 0, 0)"
-                        )
-                    )
-                conn.execute(
-                    text(
-                        "INSERT INTO usage_marks (datacenter, incarnation, packed, retired, "
-                        "updated) VALUES ('dc1', 'fe-1#a', :p, false, 0)"
-                    ),
-                    {"p": old.tobytes()},
-                )
-
-            command.upgrade(cfg, "0007")
-            with engine.connect() as conn:
-                state = conn.execute(
-                    text(
-                        "SELECT entity_id, refused, ch_refused, msg_refused, minute_refused0, "
-                        "minute_ch_refused0, minute_msg_refused0 FROM usage_state ORDER BY 1"
-                    )
-                ).all()
-                assert [tuple(r) for r in state] == [
-                    (7, 2, 0, 0, 2, 0, 0),
-                    (9, 2, 0, 0, None, None, None),
-                ]
-                stored = conn.execute(
-                    text("SELECT pub_b0, peak_at, ch_refused0, msg_refused0 FROM usage_rollups")
-                ).all()
-                assert [tuple(r) for r in stored] == [(50, 61, 0, 0)] * len(rows)
-                packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
-                marks = Marks.unpack(packed)
-                assert marks.apps.tolist() == [3, 12]
-                assert marks.totals.tolist() == [[*r[1:], 0, 0] for r in old.tolist()]
-                # Declared exactly as the counters beside them, on every partition.
-                declared = _columns(conn, "usage_state")
-                for c in ("ch_refused", "msg_refused"):
-                    assert declared[c] == declared["refused"]
-                    assert declared[f"minute_{c}0"] == declared["minute_refused0"]
-                tables = _rollup_tables(conn)
-                if dialect == "postgresql":
-                    assert {"usage_rollups_minute_default", "usage_rollups_hour_default"} <= set(
-                        tables
-                    )
-                for table in tables:
-                    declared = _columns(conn, table)
-                    for c in ("ch_refused0", "msg_refused0"):
-                        assert declared[c] == declared["refused0"], (table, c)
-            since = np.arange(8)  # counted since, per total
-            with engine.begin() as conn:
-                conn.execute(
-                    text("UPDATE usage_marks SET packed = :p"),
-                    {"p": Marks(marks.apps, marks.totals + since).pack()},
-                )
-
-            command.downgrade(cfg, "0006")
-            with engine.connect() as conn:
-                packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
-                back = np.frombuffer(packed, dtype="<i8").reshape(-1, 7)
-                # The six totals of before, as counted since; the refusals are gone.
-                assert back[:, 0].tolist() == [3, 12]
-                assert back[:, 1:].tolist() == (old[:, 1:] + since[:6]).tolist()
-                for table in ["usage_state", *_rollup_tables(conn)]:
-                    gone = {c for c in _columns(conn, table) if "ch_refused" in c or "msg_ref" in c}
-                    assert not gone, table
-        finally:
-            engine.dispose()
+        with engine.connect() as conn:
+            packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
+            back = np.frombuffer(packed, dtype="<i8").reshape(-1, 7)
+            # The six totals of before, as counted since; the refusals are gone.
+            assert back[:, 0].tolist() == [3, 12]
+            assert back[:, 1:].tolist() == (old[:, 1:] + since[:6]).tolist()
+            for table in ["usage_state", *_rollup_tables(conn)]:
+                gone = {c for c in _columns(conn, table) if "ch_refused" in c or "msg_ref" in c}
+                assert not gone, table
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
@@ -284,50 +292,38 @@ def test_migration_0009_moves_the_latest_rows_starts_out_of_the_state_and_back(
         (1, 7): (tuple(range(100, 118)), (9, 125, 1, 8, 3, 0)),
         (2, 9): ((None, 3600, None, None, *[None] * 14), (None,) * 6),
     }
-    with _database(dialect, tmp_path) as url:
-        cfg = alembic_config(url)
+    with _migrated(dialect, tmp_path, "0007") as (cfg, engine):
+        with engine.begin() as conn:
+            for (scope, entity), (begun, ext) in held.items():
+                conn.execute(
+                    text(
+                        f"INSERT INTO usage_state (scope, entity_id, {totals}, {starts}, "
+                        f"{extremes}) VALUES ({scope}, {entity}, "
+                        + ", ".join(["5"] * 15 + [f":v{i}" for i in range(24)])
+                        + ")"
+                    ),
+                    {f"v{i}": v for i, v in enumerate((*begun, *ext))},
+                )
+
+        command.upgrade(cfg, "0009")
+        with engine.connect() as conn:
+            moved = conn.execute(
+                text(f"SELECT scope, entity_id, {starts} FROM usage_starts ORDER BY 1")
+            ).all()
+            assert [tuple(r) for r in moved] == [(*k, *v[0]) for k, v in held.items()]
+            state = conn.execute(
+                text(f"SELECT scope, entity_id, {totals}, {extremes} FROM usage_state ORDER BY 1")
+            ).all()
+            assert [tuple(r) for r in state] == [(*k, *[5] * 15, *v[1]) for k, v in held.items()]
+            assert not set(starts.split(", ")) & set(_columns(conn, "usage_state"))
+
         command.downgrade(cfg, "0007")
-        engine = create_engine(url)
-        try:
-            with engine.begin() as conn:
-                for (scope, entity), (begun, ext) in held.items():
-                    conn.execute(
-                        text(
-                            f"INSERT INTO usage_state (scope, entity_id, {totals}, {starts}, "
-                            f"{extremes}) VALUES ({scope}, {entity}, "
-                            + ", ".join(["5"] * 15 + [f":v{i}" for i in range(24)])
-                            + ")"
-                        ),
-                        {f"v{i}": v for i, v in enumerate((*begun, *ext))},
-                    )
-
-            command.upgrade(cfg, "0009")
-            with engine.connect() as conn:
-                moved = conn.execute(
-                    text(f"SELECT scope, entity_id, {starts} FROM usage_starts ORDER BY 1")
-                ).all()
-                assert [tuple(r) for r in moved] == [(*k, *v[0]) for k, v in held.items()]
-                state = conn.execute(
-                    text(
-                        f"SELECT scope, entity_id, {totals}, {extremes} FROM usage_state ORDER BY 1"
-                    )
-                ).all()
-                assert [tuple(r) for r in state] == [
-                    (*k, *[5] * 15, *v[1]) for k, v in held.items()
-                ]
-                assert not set(starts.split(", ")) & set(_columns(conn, "usage_state"))
-
-            command.downgrade(cfg, "0007")
-            with engine.connect() as conn:
-                back = conn.execute(
-                    text(
-                        f"SELECT scope, entity_id, {starts}, {extremes} FROM usage_state ORDER BY 1"
-                    )
-                ).all()
-                assert [tuple(r) for r in back] == [(*k, *v[0], *v[1]) for k, v in held.items()]
-                assert "usage_starts" not in inspect(conn).get_table_names()
-        finally:
-            engine.dispose()
+        with engine.connect() as conn:
+            back = conn.execute(
+                text(f"SELECT scope, entity_id, {starts}, {extremes} FROM usage_state ORDER BY 1")
+            ).all()
+            assert [tuple(r) for r in back] == [(*k, *v[0], *v[1]) for k, v in held.items()]
+            assert "usage_starts" not in inspect(conn).get_table_names()
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
@@ -358,89 +354,81 @@ def test_migration_0012_packs_the_state_and_starts_rows_into_one_value_and_back(
         (1, 8): ((3,) * 15, (None,) * 6, ()),
         (2, 9): ((4,) * 15, (None,) * 6, (None, 3600, None, None, *[None] * 14)),
     }
-    with _database(dialect, tmp_path) as url:
-        cfg = alembic_config(url)
-        command.downgrade(cfg, "0011")
-        engine = create_engine(url)
-        try:
-            with engine.begin() as conn:
-                for (scope, entity), (values, ext, begun) in held.items():
-                    params = {f"v{i}": v for i, v in enumerate((*values, *ext))}
+    with _migrated(dialect, tmp_path, "0011") as (cfg, engine):
+        with engine.begin() as conn:
+            for (scope, entity), (values, ext, begun) in held.items():
+                params = {f"v{i}": v for i, v in enumerate((*values, *ext))}
+                conn.execute(
+                    text(
+                        f"INSERT INTO usage_state (scope, entity_id, {totals}, {extremes}) "
+                        f"VALUES ({scope}, {entity}, "
+                        + ", ".join(f":v{i}" for i in range(len(params)))
+                        + ")"
+                    ),
+                    params,
+                )
+                if begun:
                     conn.execute(
                         text(
-                            f"INSERT INTO usage_state (scope, entity_id, {totals}, {extremes}) "
-                            f"VALUES ({scope}, {entity}, "
-                            + ", ".join(f":v{i}" for i in range(len(params)))
+                            f"INSERT INTO usage_starts (scope, entity_id, {starts}) VALUES "
+                            f"({scope}, {entity}, "
+                            + ", ".join(f":s{i}" for i in range(len(begun)))
                             + ")"
                         ),
-                        params,
+                        {f"s{i}": v for i, v in enumerate(begun)},
                     )
-                    if begun:
-                        conn.execute(
-                            text(
-                                f"INSERT INTO usage_starts (scope, entity_id, {starts}) VALUES "
-                                f"({scope}, {entity}, "
-                                + ", ".join(f":s{i}" for i in range(len(begun)))
-                                + ")"
-                            ),
-                            {f"s{i}": v for i, v in enumerate(begun)},
-                        )
 
-            command.upgrade(cfg, "0012")
-            with engine.connect() as conn:
-                assert "usage_starts" not in inspect(conn).get_table_names()
-                assert set(_columns(conn, "usage_state")) == {"scope", "entity_id", "packed"}
-                found = {
-                    (r.scope, r.entity_id): as_mapping(bytes(r.packed))
-                    for r in conn.execute(text("SELECT * FROM usage_state"))
-                }
-            assert set(found) == set(held)
-            for key, (values, ext, begun) in held.items():
-                got = found[key]
-                assert [got[c] for c in totals.split(", ")] == list(values)
-                names = starts.split(", ")
-                if key == (1, 7):  # the minute row whole, every unit's start
-                    assert [got[c] for c in names] == list(begun)
-                    assert [got[c] for c in extremes.split(", ")] == list(ext)
-                else:  # no minute row: None, as the reads take it
-                    assert got["minute"] is None
-                    assert got["minute_peak"] is None
-                    assert got["minute_pub_n0"] is None
-                assert got["hour"] == (3600 if key == (2, 9) else 0 if key == (1, 7) else None)
-                assert got["day"] == (0 if key == (1, 7) else None)
+        command.upgrade(cfg, "0012")
+        with engine.connect() as conn:
+            assert "usage_starts" not in inspect(conn).get_table_names()
+            assert set(_columns(conn, "usage_state")) == {"scope", "entity_id", "packed"}
+            found = {
+                (r.scope, r.entity_id): as_mapping(bytes(r.packed))
+                for r in conn.execute(text("SELECT * FROM usage_state"))
+            }
+        assert set(found) == set(held)
+        for key, (values, ext, begun) in held.items():
+            got = found[key]
+            assert [got[c] for c in totals.split(", ")] == list(values)
+            names = starts.split(", ")
+            if key == (1, 7):  # the minute row whole, every unit's start
+                assert [got[c] for c in names] == list(begun)
+                assert [got[c] for c in extremes.split(", ")] == list(ext)
+            else:  # no minute row: None, as the reads take it
+                assert got["minute"] is None
+                assert got["minute_peak"] is None
+                assert got["minute_pub_n0"] is None
+            assert got["hour"] == (3600 if key == (2, 9) else 0 if key == (1, 7) else None)
+            assert got["day"] == (0 if key == (1, 7) else None)
 
-            # A state row holding a closed minute row (what the aggregator writes from 0012
-            # on): the downgrade puts that row in usage_rollups, where the older code reads it.
-            with engine.begin() as conn:
-                wide = dict(found[(1, 7)]) | {"held": 60} | {f"held_{c}": 1 for c in _HELD}
-                conn.execute(
-                    text("UPDATE usage_state SET packed = :p WHERE entity_id = 7"),
-                    {"p": pack(wide)},
+        # A state row holding a closed minute row (what the aggregator writes from 0012
+        # on): the downgrade puts that row in usage_rollups, where the older code reads it.
+        with engine.begin() as conn:
+            wide = dict(found[(1, 7)]) | {"held": 60} | {f"held_{c}": 1 for c in _HELD}
+            conn.execute(
+                text("UPDATE usage_state SET packed = :p WHERE entity_id = 7"),
+                {"p": pack(wide)},
+            )
+        command.downgrade(cfg, "0011")
+        with engine.connect() as conn:
+            minute_rows = conn.execute(
+                text("SELECT scope, entity_id, unit, period_start, pub_n0, ch_min "
+                     "FROM usage_rollups")
+            ).all()  # fmt: skip
+            assert [tuple(r) for r in minute_rows] == [(1, 7, 1, 60, 1, 1)]
+            back = {
+                (r[0], r[1]): tuple(r[2:])
+                for r in conn.execute(
+                    text(f"SELECT scope, entity_id, {totals}, {extremes} FROM usage_state")
                 )
-            command.downgrade(cfg, "0011")
-            with engine.connect() as conn:
-                minute_rows = conn.execute(
-                    text("SELECT scope, entity_id, unit, period_start, pub_n0, ch_min "
-                         "FROM usage_rollups")
-                ).all()  # fmt: skip
-                assert [tuple(r) for r in minute_rows] == [(1, 7, 1, 60, 1, 1)]
-                back = {
-                    (r[0], r[1]): tuple(r[2:])
-                    for r in conn.execute(
-                        text(f"SELECT scope, entity_id, {totals}, {extremes} FROM usage_state")
-                    )
-                }
-                back_starts = {
-                    (r[0], r[1]): tuple(r[2:])
-                    for r in conn.execute(
-                        text(f"SELECT scope, entity_id, {starts} FROM usage_starts")
-                    )
-                }
-            assert back == {k: (*v[0], *v[1]) for k, v in held.items()}
-            # Every state row has its starts row again (NULL where it had none).
-            assert back_starts == {k: v[2] or (None,) * 18 for k, v in held.items()}
-        finally:
-            engine.dispose()
+            }
+            back_starts = {
+                (r[0], r[1]): tuple(r[2:])
+                for r in conn.execute(text(f"SELECT scope, entity_id, {starts} FROM usage_starts"))
+            }
+        assert back == {k: (*v[0], *v[1]) for k, v in held.items()}
+        # Every state row has its starts row again (NULL where it had none).
+        assert back_starts == {k: v[2] or (None,) * 18 for k, v in held.items()}
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
@@ -478,52 +466,112 @@ def test_migration_0013_writes_the_coarser_rows_the_state_rows_complete_on_the_w
         (3, month): (1, 10, 20, month + 99, 3, 1, 1),
         (4, month): (1, 10, 20, month + 99, 3, 9, 1),
     }
-    with _database(dialect, tmp_path) as url:
-        cfg = alembic_config(url)
-        engine = create_engine(url)
-        try:
-            with engine.begin() as conn:
-                for entity, values in states.items():
-                    conn.execute(
-                        text(
-                            "INSERT INTO usage_state (scope, entity_id, packed) VALUES (1, :e, :p)"
-                        ),
-                        {"e": entity, "p": pack(values)},
+    with _migrated(dialect, tmp_path, "0013") as (cfg, engine):
+        with engine.begin() as conn:
+            for entity, values in states.items():
+                conn.execute(
+                    text("INSERT INTO usage_state (scope, entity_id, packed) VALUES (1, :e, :p)"),
+                    {"e": entity, "p": pack(values)},
+                )
+            zero = ", ".join(c for c in _ROW_VALUES if c not in figures)
+            for (unit, start), values in stored.items():
+                conn.execute(
+                    text(
+                        f"INSERT INTO usage_rollups (scope, entity_id, unit, period_start, "
+                        f"{', '.join(figures)}, {zero}) VALUES (1, 8, :u, :s, "
+                        + ", ".join(f":v{i}" for i in range(len(values)))
+                        + ", "
+                        + ", ".join("0" for _ in zero.split(", "))
+                        + ")"
+                    ),
+                    {"u": unit, "s": start, **{f"v{i}": v for i, v in enumerate(values)}},
+                )
+        command.downgrade(cfg, "0012")
+        with engine.connect() as conn:
+            found = {
+                (r[0], r[1], r[2]): tuple(r[3:])
+                for r in conn.execute(
+                    text(
+                        f"SELECT entity_id, unit, period_start, {', '.join(figures)} "
+                        "FROM usage_rollups"
                     )
-                zero = ", ".join(c for c in _ROW_VALUES if c not in figures)
-                for (unit, start), values in stored.items():
-                    conn.execute(
-                        text(
-                            f"INSERT INTO usage_rollups (scope, entity_id, unit, period_start, "
-                            f"{', '.join(figures)}, {zero}) VALUES (1, 8, :u, :s, "
-                            + ", ".join(f":v{i}" for i in range(len(values)))
-                            + ", "
-                            + ", ".join("0" for _ in zero.split(", "))
-                            + ")"
-                        ),
-                        {"u": unit, "s": start, **{f"v{i}": v for i, v in enumerate(values)}},
+                )
+            }
+        row7 = tuple(first[c] for c in figures)
+        assert found == {
+            # Begun with its minute row: that row's start values and extremes.
+            (7, 2, month): row7, (7, 3, month): row7, (7, 4, month): row7,
+            # Widened by the held row, then the latest (its peak ties: the first time
+            # stays), start values as stored.
+            (8, 2, hour): (5, 40, 8, hour + 70, 1, 4, 0),
+            (8, 3, month): (1, 10, 20, month + 99, 1, 4, 0),
+            (8, 4, month): (1, 10, 20, month + 99, 1, 9, 0),
+        }  # fmt: skip
+        command.upgrade(cfg, "head")  # nothing to change on the way up
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0014_puts_64_entities_of_a_scope_in_a_row_and_gives_each_its_own_back(
+    dialect: str, tmp_path: Path
+) -> None:
+    """Ids on both sides of a block's edge (63, 64), both scopes (app 1 and account 1 apart),
+    entities with and without a held minute row: the blocks read back as every entity's
+    value was, and the downgrade gives each its row back byte for byte."""
+    month = 1775001600  # 2026-04-01 00:00 UTC
+
+    def value(entity: int, *, held: bool) -> bytes:
+        fields = {"conns": entity, "since": month, "minute": month, "minute_peak": 2 * entity,
+                  "minute_peak_at": month + entity, "month": month}  # fmt: skip
+        if held:
+            fields |= {"held": month - 60, "held_peak": entity + 1, "held_ch_min": -entity}
+        return pack(fields)
+
+    before = {
+        (1, 1): value(1, held=False), (1, 63): value(63, held=True),
+        (1, 64): value(64, held=False), (1, 200): value(200, held=True),
+        (2, 1): value(1001, held=True),
+    }  # fmt: skip
+    with _migrated(dialect, tmp_path, "0013") as (cfg, engine):
+        with engine.begin() as conn:
+            for (scope, entity), packed in before.items():
+                conn.execute(
+                    text("INSERT INTO usage_state (scope, entity_id, packed) VALUES (:s, :e, :p)"),
+                    {"s": scope, "e": entity, "p": packed},
+                )
+        command.upgrade(cfg, "0014")
+        with engine.connect() as conn:
+            blocks = conn.execute(
+                text("SELECT scope, block, length(packed) FROM usage_state ORDER BY 1, 2")
+            ).all()
+            scopes, ids, values = state.select(conn)
+            one = {key: state.packed_of(conn, *key) for key in before}
+            if dialect == "postgresql":  # out of line, never compressed
+                storage = conn.execute(
+                    text(
+                        "SELECT attstorage FROM pg_attribute WHERE attrelid = "
+                        "'usage_state'::regclass AND attname = 'packed'"
                     )
-            command.downgrade(cfg, "0012")
-            with engine.connect() as conn:
-                found = {
-                    (r[0], r[1], r[2]): tuple(r[3:])
-                    for r in conn.execute(
-                        text(
-                            f"SELECT entity_id, unit, period_start, {', '.join(figures)} "
-                            "FROM usage_rollups"
-                        )
-                    )
-                }
-            row7 = tuple(first[c] for c in figures)
-            assert found == {
-                # Begun with its minute row: that row's start values and extremes.
-                (7, 2, month): row7, (7, 3, month): row7, (7, 4, month): row7,
-                # Widened by the held row, then the latest (its peak ties: the first time
-                # stays), start values as stored.
-                (8, 2, hour): (5, 40, 8, hour + 70, 1, 4, 0),
-                (8, 3, month): (1, 10, 20, month + 99, 1, 4, 0),
-                (8, 4, month): (1, 10, 20, month + 99, 1, 9, 0),
-            }  # fmt: skip
-            command.upgrade(cfg, "head")  # nothing to change on the way up
-        finally:
-            engine.dispose()
+                ).scalar()
+                assert storage == "e"
+        wide, narrow = len(pack({"held": 1})) // 8, len(pack({})) // 8
+        assert [tuple(b) for b in blocks] == [
+            (1, 0, 8 * (1 + 2 * 2 + narrow + wide)),  # 1 and 63
+            (1, 1, 8 * (1 + 2 + narrow)),  # 64
+            (1, 3, 8 * (1 + 2 + wide)),  # 200
+            (2, 0, 8 * (1 + 2 + wide)),  # the account
+        ]
+        assert list(zip(scopes.tolist(), ids.tolist(), strict=True)) == list(before)
+        assert one == before
+        for (scope, entity), row in zip(before, values, strict=True):  # as loaded
+            width = len(before[scope, entity]) // 8
+            assert row[:width].astype(">i8").tobytes() == before[scope, entity]
+            assert (row[width:] == -1).all()  # no held row: -1, as the aggregator has it
+
+        command.downgrade(cfg, "0013")
+        with engine.connect() as conn:
+            back = {
+                (r.scope, r.entity_id): bytes(r.packed)
+                for r in conn.execute(text("SELECT * FROM usage_state"))
+            }
+        assert back == before
+        command.upgrade(cfg, "head")
