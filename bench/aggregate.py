@@ -92,7 +92,7 @@ from metering.core.logging import configure
 from metering.limits.service import AfterCommit, AggregateLimits, LimitChecker
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
-from metering.rollups import bulk, source
+from metering.rollups import bulk, service, source, state
 from metering.rollups.service import ROW_COLUMNS, Aggregator, CycleResult
 
 FRONTENDS = 20
@@ -573,15 +573,19 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
     (Aggregator, "_fold_counters", "fold counters (deltas against marks, NumPy)"),
     (Aggregator, "_owners_of", "owners of apps"),
     (Aggregator, "_write", "build state and row matrices (NumPy)"),
+    (service, "_blocks_of", "state blocks: gather their entities (NumPy)"),
+    (state, "encode", "state blocks: encode (NumPy)"),
     (bulk, "binary_copy", "binary COPY building (NumPy)"),
-    *(
-        (bulk, name, lambda _conn, table, *_rest, name=name: f"write {table}: {name} (Python)")
-        for name in ("replace_packed", "upsert_array")
-    ),
+    (bulk, "upsert_array", lambda _conn, table, *_rest: f"write {table}: upsert_array (Python)"),
     (bulk, "upsert", lambda _conn, table, *_rest: f"executemany upsert into {table}"),
     (psycopg.Copy, "write", "COPY data sent (psycopg)"),
     (psycopg.Copy, "__exit__", "COPY end (server ingests the rest)"),
     (psycopg.Cursor, "execute", _sql),
+    (
+        psycopg.Cursor,
+        "executemany",
+        lambda _cur, q, *_r: f"executemany {str(q).split()[2]} (server)",
+    ),
     (psycopg.Connection, "commit", "commit"),
     (Aggregator, "_write_marks", "marks packed (NumPy)"),
     (source, "trim_samples", "trim samples (after commit)"),

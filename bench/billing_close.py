@@ -3,9 +3,11 @@
 A scratch database built by the migrations holds --accounts accounts, each with --apps apps,
 on three priced packages (a tenth of the accounts changed package within the month), and
 October 2026's rollups as the aggregator leaves them: per account and per app a month row and a
-state row (``usage_state.packed``: the state's fields, no minute row, no starts), per account an
-hour row holding its channel peak; the aggregation watermark is past the month's end. They are
-written by COPY, not by running the aggregator (which bench/aggregate.py measures).
+state (its fields in ``usage_state``, no minute row, no starts, no held row; 64 entities of a
+scope to a row, ``metering.rollups.state``), per account an hour row holding its channel peak;
+the aggregation watermark is past the month's end. They are written by COPY (the state rows
+encoded by ``state.encode``), not by running the aggregator (which bench/aggregate.py
+measures).
 
 Measured: ``metering billing close --month 2026-10`` run as an operator runs it, a process of
 its own (its start-up included), timed from outside; peak memory is that process's maximum
@@ -13,9 +15,10 @@ resident set (``getrusage(RUSAGE_CHILDREN)``). Then the same command again, whic
 month closed.
 
 Baseline, in the same run and database: raw psycopg reading the same rollup and state rows
-(``fetchall``, the states' packed values decoded) and COPYing as many invoice rows and
-invoice-line rows (same columns, text format built by f-strings) into temporary tables,
-committed: the least a close must move.
+(``fetchall``; ``usage_state``'s blocks in binary, as ``state.select`` reads them, their
+words as one array) and COPYing as many invoice rows and invoice-line rows (same
+columns, text format built by f-strings) into temporary tables, committed: the least a close
+must move.
 
     python bench/billing_close.py [--accounts 100000 --apps 2]
 """
@@ -40,8 +43,8 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from bench._common import exit_on_sigterm, row, scratch_engine
+from metering.rollups import state
 from metering.rollups.models import COUNTERS
-from metering.rollups.state import DTYPE, pack
 from tests import processes
 
 TARGET_SECONDS = 30.0
@@ -62,8 +65,9 @@ ROLLUP_COLUMNS = (
     "ch_area0", *(f"{c}0" for c in COUNTERS), "peak", "peak_at", "min", "ws_peak", "ch_peak",
     "ch_min",
 )  # fmt: skip
-# usage_state: each entity's fields packed in one value (metering.rollups.state).
-STATE_COLUMNS = ("scope", "entity_id", "packed")
+# usage_state: 64 entities of a scope to a row, their fields packed in one value
+# (metering.rollups.state).
+STATE_COLUMNS = ("scope", "block", "packed")
 STATE_TYPES = ("int2", "int8", "bytea")
 
 
@@ -132,7 +136,7 @@ def populate(dsn: str, accounts: int, apps: int, rng: random.Random) -> None:
         progress(f"{accounts} accounts, {len(owner)} apps, {len(changes)} package changes")
 
         rollups: list[tuple[int, ...]] = []
-        states: list[tuple[int, int, bytes]] = []
+        states: list[tuple[int, int, bytes]] = []  # (scope, entity_id, its FIELDS)
         zeros = (0,) * len(COUNTERS)
 
         def entity(scope: int, entity_id: int, scale: int) -> None:
@@ -153,20 +157,31 @@ def populate(dsn: str, accounts: int, apps: int, rng: random.Random) -> None:
                 "area": peak * 1000, "ch_area": ch * 1000,
                 **dict(zip(COUNTERS, totals, strict=True)),
             }  # fmt: skip
-            states.append((scope, entity_id, pack(fields)))  # no minute row, no starts: -1
+            states.append((scope, entity_id, state.pack(fields)))  # no minute row, no starts
 
         for a in account_ids:
             entity(2, a, apps)
         for app in owner:
             entity(1, app, 1)
         copy(conn, "usage_rollups", ROLLUP_COLUMNS, rollups)
-        copy(conn, "usage_state", STATE_COLUMNS, states, STATE_TYPES)
+        blocks = copy(conn, "usage_state", STATE_COLUMNS, state_blocks(states), STATE_TYPES)
         conn.execute(
             "UPDATE usage_cursor SET second = %s, first_second = %s WHERE id = 1",
             (END + 30, START - 86400),
         )
         conn.execute("ANALYZE")
-        progress(f"{len(rollups)} rollup rows, {len(states)} states")
+        progress(f"{len(rollups)} rollup rows, {len(states)} states in {blocks} usage_state rows")
+
+
+def state_blocks(states: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The ``usage_state`` rows (scope, block, packed) of entities' (scope, id, ``FIELDS``):
+    as ``state.write`` would write them, none holding a closed minute row (held start -1)."""
+    scopes = np.array([s for s, _, _ in states], dtype=np.int64)
+    ids = np.array([e for _, e, _ in states], dtype=np.int64)
+    fields = np.frombuffer(b"".join(p for _, _, p in states), dtype=state.DTYPE)
+    values = np.full((len(states), state.ALL), -1, dtype=state.DTYPE)
+    values[:, : len(state.FIELDS)] = fields.reshape(len(states), len(state.FIELDS))
+    return state.encode(scopes, ids, values)
 
 
 def baseline(dsn: str, accounts: int) -> float:
@@ -179,10 +194,12 @@ def baseline(dsn: str, accounts: int) -> float:
                 "SELECT * FROM usage_rollups WHERE scope = %s AND unit = 4 AND period_start = %s",
                 (scope, START),
             ).fetchall()
-            found = conn.execute(
-                "SELECT scope, entity_id, packed FROM usage_state WHERE scope = %s", (scope,)
-            ).fetchall()
-            np.frombuffer(b"".join(packed for _scope, _entity, packed in found), DTYPE)
+            with conn.cursor(binary=True) as cur:  # the blocks as stored, not in hex
+                found = cur.execute(
+                    "SELECT scope, block, packed FROM usage_state WHERE scope = %s ORDER BY block",
+                    (scope,),
+                ).fetchall()
+            np.frombuffer(b"".join(packed for _scope, _block, packed in found), state.DTYPE)
         conn.execute("CREATE TEMP TABLE i (LIKE invoices)")
         conn.execute("CREATE TEMP TABLE l (LIKE invoice_lines)")
         issued = datetime.now(UTC).isoformat()

@@ -1,27 +1,33 @@
 """Bulk writes of the aggregator's state rows into Postgres, five ways: which is fastest.
 
 The design says "bulk upserts: multi-row VALUES, unnest, or COPY into a staging table: measure
-and pick". The aggregator rewrites every busy entity's ``usage_state`` row every cycle. Since
-migration 0012 that row is ``(scope, entity_id, packed)``: the 39 values of
-``metering.rollups.state.FIELDS`` (the state, the latest minute row whole, the latest hour, day
-and month rows' starts) in one ``bytea``, each a big-endian int64 (312 bytes). It was 23
-columns (the keys, the state, the minute row's extremes), with the rest in ``usage_starts``,
-rewritten at every minute in a second UPDATE. Packed, because on Postgres an UPDATE costs per
-column written, whether it changed or not: measured elsewhere on 120 000 rows, 21 bigint
-columns took 450 ms and 42 took 700 ms, one ``bytea`` of 21 values 300 ms and of 42 values
-375 ms.
+and pick". The aggregator rewrites every busy entity's state in ``usage_state`` every cycle.
+Since migration 0012 an entity's state is the 39 values of ``metering.rollups.state.FIELDS``
+(the state, the latest minute row whole, the latest hour, day and month rows' starts), each a
+big-endian int64 (312 bytes), packed in one ``bytea``; since migration 0014 a row of
+``usage_state`` is ``(scope, block, packed)``, the entities of one scope whose ids share all
+but their low ``state.BLOCK_BITS`` bits (up to 64), their values in one ``packed`` (their
+count, ids and widths, then their fields; ``state.encode``), stored out of line uncompressed
+(``STORAGE EXTERNAL``). It was 23 columns (the keys, the state, the minute row's extremes),
+with the rest in ``usage_starts``, rewritten at every minute in a second UPDATE. Packed,
+because on Postgres an UPDATE costs per column written, whether it changed or not: measured
+elsewhere on 120 000 rows, 21 bigint columns took 450 ms and 42 took 700 ms, one ``bytea`` of
+21 values 300 ms and of 42 values 375 ms; in blocks, because it also costs per row rewritten.
 
 So this measures the four ways of writing the column-shaped table, and the production write of
-the packed one, on the same entities. In one scratch database built by the migrations:
+the blocks, on the same entities. In one scratch database built by the migrations:
 
 - ``bench_state_columns``, which the benchmark creates: ``usage_state``'s columns before
   migration 0012 (``COLUMNS``: scope smallint, entity_id and the 21 values bigint, NOT NULL),
   primary key (scope, entity_id), fillfactor 45, as that table was;
-- ``usage_state`` as the migrations leave it (fillfactor 45).
+- ``usage_state`` as the migrations leave it (scope, block, packed; fillfactor 45, ``packed``
+  STORAGE EXTERNAL).
 
-Per size N (--rows), each first holds N entities (entity ids 1..N, every 6th of scope 2, the
-others of scope 1; plausible values in every field, no NULL; in ``usage_state`` every one of
-the 39 fields, the minute row and the starts included). Then each method writes, committed:
+Per size N (--rows), each first holds N entities (entity ids 1..N; those of every 6th run of 64
+ids, ``id >> 6`` a multiple of 6, of scope 2, the others of scope 1, so that, as apps and
+accounts, whose ids are counted apart, each scope's ids fill its blocks; plausible values in
+every field, no NULL; in ``usage_state`` every one of the 39 fields, the minute row and the
+starts included, and no held minute row). Then each method writes, committed:
 
 - steady: N changed rows, every one already there (what a steady cycle does);
 - 10% new: N rows, 90 % of them entities already there (picked at random), 10 % new ones.
@@ -43,21 +49,28 @@ The methods, each timed from the NumPy matrix in hand to after the commit:
 4. bulk.upsert_array: the production code for the rollup rows (COPY in binary, built by NumPy,
    into a staging table, then ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``) on a SQLAlchemy
    connection, into ``bench_state_columns``;
-5. bulk.replace_packed: the production code the aggregator writes ``usage_state`` with (a
-   binary COPY of (scope, entity_id, packed), built by NumPy, into a staging table, then
-   ``UPDATE ... FROM`` it; an INSERT of the missing rows only when the UPDATE matched fewer
-   than it was given). It writes the same entities with the same state values, and 18 values
-   more each (the minute row's start values and the starts that were in ``usage_starts``).
+5. state.write: the production code the aggregator writes ``usage_state`` with
+   (``state.encode`` builds each block's value by NumPy, then psycopg's ``executemany`` of
+   ``INSERT ... ON CONFLICT (scope, block) DO UPDATE``, a block a row, in one pipeline, in
+   binary), on a SQLAlchemy connection. A block is written whole, so it is given, as the
+   aggregator gives it (``service._blocks_of``, not timed), every entity of every block that
+   holds one written, all of them here: every block is rewritten whole. In steady that is the
+   same N entities; in 10% new the 10 % of entities not written share their blocks with those
+   written, and go too: N + N/10 entities' values (the speed and per-row figures still count
+   N). Each with the same state values, and 18 values more (the minute row's start values and
+   the starts that were in ``usage_starts``); the values as the aggregator holds them, a
+   big-endian int64 matrix of ``state.ALL`` columns (a held start of -1: no held row).
 
 Before each write both tables are put back as they were: a CHECKPOINT (so that none falls
 inside the measured write, and every method pays the same full-page images in the WAL for the
-pages it first touches after one), TRUNCATE, the N rows again, VACUUM ANALYZE. After it, the
-whole table written is read back (``bench_state_columns`` by a binary COPY, ``usage_state`` by
-``bulk.select_packed``) and compared with what the rows written say it must hold: a method that
-left anything else stops the benchmark (exit status 1) before any time is reported. The
-methods run in a different order in each repeat, with the garbage collector off while one is
-timed (the aggregator's cycle runs so). Time: the median of --repeat; speed: the baseline's
-time over the method's.
+pages it first touches after one), TRUNCATE, the N rows (the blocks of the N entities) again,
+VACUUM ANALYZE. After it, the whole table written is read back (``bench_state_columns`` by a
+binary COPY, ``usage_state`` by ``state.select``, every entity of every block with its values)
+and compared with what the rows written say it must hold: a method that left anything else
+stops the benchmark (exit status 1) before any time is reported. The methods run in a
+different order in each repeat, with the garbage collector off while one is timed (the
+aggregator's cycle runs so). Time: the median of --repeat; speed: the baseline's time over the
+method's.
 
     python bench/upsert_methods.py [--rows 100000] [--repeat 3] [--batch 1000]
 """
@@ -66,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import statistics
 import struct
 import sys
@@ -84,15 +98,15 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from bench._common import exit_on_sigterm, row
 from metering.core.database import make_engine
-from metering.rollups import bulk
+from metering.rollups import bulk, state
 from metering.rollups.models import COUNTERS
-from metering.rollups.state import FIELDS, WIDTH
+from metering.rollups.state import BLOCK_BITS, FIELDS, HELD_ROW, WIDTH
 from tests.scratch import scratch_database
 
 Ints = npt.NDArray[np.int64]
-Write = Callable[[Ints], None]
+Write = Callable[[Any], None]  # a layout's rows: ``shaped``
 
-PACKED_TABLE = "usage_state"  # (scope, entity_id, packed): the production table
+PACKED_TABLE = "usage_state"  # (scope, block, packed): the production table
 COLUMNS_TABLE = "bench_state_columns"
 KEYS = ("scope", "entity_id")
 # usage_state's columns before migration 0012: the state, then its latest minute row's extremes.
@@ -109,7 +123,9 @@ ON_CONFLICT = f"ON CONFLICT ({', '.join(KEYS)}) DO UPDATE SET " + ", ".join(
 # The rows generated: the keys, then the packed fields; the column layout is a part of them.
 ALL = (*KEYS, *FIELDS)
 AT_COLUMNS = [ALL.index(c) for c in COLUMNS]
-LAYOUTS = ("columns", "packed")
+# usage_state read back (state.select): the keys, the fields, then the held row (none: -1).
+BLOCK_COLUMNS = (*ALL, *HELD_ROW)
+LAYOUTS = ("columns", "blocks")
 NEW_SHARE = 0.1
 CASES = ("steady", "10% new")
 NOW = int(datetime(2026, 11, 16, 12, 30, 30, tzinfo=UTC).timestamp())
@@ -126,8 +142,17 @@ class Mismatch(Exception):
 
 
 class Method(NamedTuple):
-    layout: str  # which table it writes: "columns" (bench_state_columns) or "packed"
+    layout: str  # which table it writes: "columns" (bench_state_columns) or "blocks"
     write: Write  # the rows in that layout's shape (``shaped``)
+
+
+class Book(NamedTuple):
+    """Entities as the aggregator hands them to ``state.write`` (``service._blocks_of``):
+    every member of each block, in (scope, id) order."""
+
+    scopes: Ints
+    ids: Ints
+    values: npt.NDArray[Any]  # big-endian int64, ``FIELDS`` then ``HELD_ROW`` (held start -1)
 
 
 # -- the rows --------------------------------------------------------------------------------
@@ -159,7 +184,7 @@ def states(entity: Ints, rng: np.random.Generator, now: int) -> Ints:
     minute = now - now % 60
     conns0 = np.maximum(conns - r(0, 5), 0)
     values: dict[str, Ints | int] = {
-        "scope": np.where(entity % 6 == 0, 2, 1).astype(np.int64),
+        "scope": np.where((entity >> BLOCK_BITS) % 6 == 0, 2, 1).astype(np.int64),
         "entity_id": entity,
         "conns": conns,
         "ws": ws,
@@ -191,9 +216,38 @@ def states(entity: Ints, rng: np.random.Generator, now: int) -> Ints:
     return np.column_stack([np.broadcast_to(values[c], n) for c in ALL]).astype(np.int64)
 
 
-def shaped(layout: str, rows: Ints) -> Ints:
-    """``rows`` (``ALL`` order) as a method of ``layout`` takes them: ``COLUMNS``, or all."""
-    return np.ascontiguousarray(rows[:, AT_COLUMNS]) if layout == "columns" else rows
+def shaped(layout: str, rows: Ints) -> Ints | Book:
+    """``rows`` (``ALL`` order) as a method of ``layout`` takes them: ``COLUMNS``, or, for the
+    blocks, a ``Book`` (``rows`` must then be every member of each block they touch, in key
+    order: ``after``)."""
+    if layout == "columns":
+        return np.ascontiguousarray(rows[:, AT_COLUMNS])
+    values = np.full((len(rows), state.ALL), -1, dtype=state.DTYPE)
+    values[:, : len(FIELDS)] = rows[:, len(KEYS) :]
+    return Book(rows[:, 0].copy(), rows[:, 1].copy(), values)
+
+
+def unpacked(rows: Ints) -> Ints:
+    """``rows`` (``ALL`` order) as ``state.select`` reads them back: ``BLOCK_COLUMNS``, the
+    held row's columns -1."""
+    return np.column_stack([rows, np.full((len(rows), len(HELD_ROW)), -1, dtype=np.int64)])
+
+
+def block_rows(rows: Ints) -> list[tuple[int, int, bytes]]:
+    """The ``usage_state`` rows (scope, block, packed) of ``rows`` (``ALL`` order, ordered by
+    key), built here, not by the code measured (``state.encode``): the layout as migration 0014
+    states it, each entity narrow (``len(FIELDS)`` values, no held row)."""
+    keys = rows[:, :2].tolist()
+    blobs = np.ascontiguousarray(rows[:, len(KEYS) :], dtype=">i8")
+    out = []
+    for (scope, block), group in itertools.groupby(
+        range(len(rows)), key=lambda i: (keys[i][0], keys[i][1] >> BLOCK_BITS)
+    ):
+        members = list(group)
+        ids = [keys[i][1] for i in members]
+        head = struct.pack(f">{1 + 2 * len(ids)}q", len(ids), *ids, *[len(FIELDS)] * len(ids))
+        out.append((scope, block, head + blobs[members].tobytes()))
+    return out
 
 
 def after(base: Ints, written: Ints) -> Ints:
@@ -267,18 +321,16 @@ def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[s
         with engine.begin() as sa:
             bulk.upsert_array(sa, COLUMNS_TABLE, columns=COLUMNS, keys=KEYS, rows=rows, merge=merge)
 
-    def replace_packed(rows: Ints) -> None:
+    def write_blocks(book: Book) -> None:
         with engine.begin() as sa:
-            bulk.replace_packed(
-                sa, PACKED_TABLE, [(rows[:, 0], rows[:, 1], bulk.Packed.of(rows[:, 2:]))]
-            )
+            state.write(sa, book.scopes, book.ids, book.values)
 
     return {
         "1 baseline: COPY text + merge": Method("columns", copy_text),
         f"2 VALUES x{batch} + ON CONFLICT": Method("columns", values),
         "3 unnest arrays + ON CONFLICT": Method("columns", unnest),
         "4 bulk.upsert_array": Method("columns", upsert_array),
-        "5 bulk.replace_packed": Method("packed", replace_packed),
+        "5 state.write (blocks of 64)": Method("blocks", write_blocks),
     }
 
 
@@ -293,22 +345,21 @@ def create_tables(ctl: psycopg.Connection[Any]) -> None:
         f"{values}, PRIMARY KEY (scope, entity_id)) WITH (fillfactor = 45)"
     )
     ctl.execute(f"CREATE TABLE bench_base_columns (LIKE {COLUMNS_TABLE})")
-    ctl.execute(f"CREATE TABLE bench_base_packed (LIKE {PACKED_TABLE})")
+    ctl.execute(f"CREATE TABLE bench_base_packed (LIKE {PACKED_TABLE} INCLUDING STORAGE)")
 
 
 def fill_base(ctl: psycopg.Connection[Any], base: Ints) -> None:
-    """Each table's initial rows, by COPY (the packed values built here, not by the code
-    measured: the initial check then tests ``bulk.select_packed`` against them)."""
+    """Each table's initial rows, by COPY (``base`` ordered by key; the blocks built here, not
+    by the code measured: the initial check then tests ``state.select`` against them)."""
     ctl.execute("TRUNCATE bench_base_columns, bench_base_packed")
     with ctl.cursor() as cur, cur.copy(f"COPY bench_base_columns ({COLS}) FROM STDIN") as copy:
-        for r in shaped("columns", base).tolist():
+        for r in base[:, AT_COLUMNS].tolist():
             copy.write_row(r)
-    blobs = np.ascontiguousarray(base[:, 2:], dtype=">i8")
-    sql = "COPY bench_base_packed (scope, entity_id, packed) FROM STDIN (FORMAT BINARY)"
+    sql = "COPY bench_base_packed (scope, block, packed) FROM STDIN (FORMAT BINARY)"
     with ctl.cursor() as cur, cur.copy(sql) as copy:
         copy.set_types(["int2", "int8", "bytea"])
-        for (scope, entity), blob in zip(base[:, :2].tolist(), blobs, strict=True):
-            copy.write_row((scope, entity, blob.tobytes()))
+        for r in block_rows(base):
+            copy.write_row(r)
 
 
 def reset(ctl: psycopg.Connection[Any], checkpoint: bool) -> None:
@@ -344,34 +395,36 @@ def column_contents(ctl: psycopg.Connection[Any]) -> Ints:
     return got["f"]["v"].astype(np.int64)
 
 
-def packed_contents(engine: Engine) -> Ints:
-    """``usage_state`` ordered by key as the aggregator reads it (``bulk.select_packed``): the
-    keys and the unpacked fields, ``ALL`` order (a NULL or a value of another width makes it
-    a Mismatch)."""
-    sql = f"SELECT scope, entity_id, packed FROM {PACKED_TABLE} ORDER BY scope, entity_id"
+def block_contents(engine: Engine) -> Ints:
+    """Every entity in ``usage_state``, ordered by key, as the aggregator reads them
+    (``state.select``): the keys, the fields and the held row, ``BLOCK_COLUMNS`` order (a
+    block that is not one, e.g. a NULL, a value of another width, ids out of order or out of
+    their block, makes it a Mismatch)."""
     with engine.connect() as sa:
         try:
-            scope, entity, packed = bulk.select_packed(sa, sql, len(FIELDS))
-        except ValueError as e:
+            scope, entity, values = state.select(sa)
+        except (ValueError, TypeError) as e:
             raise Mismatch(f"{PACKED_TABLE} read back: {e}") from None
-    return np.column_stack([scope, entity, packed]).astype(np.int64)
+    return np.column_stack([scope, entity, values]).astype(np.int64)
 
 
 def check(ctl: psycopg.Connection[Any], engine: Engine, layout: str, want: Ints) -> None:
     """The table ``layout`` names holds ``want`` (``ALL`` order, ordered by key), or Mismatch."""
     names: tuple[str, ...]
     if layout == "columns":
-        table, names, got, want = COLUMNS_TABLE, COLUMNS, column_contents(ctl), shaped(layout, want)
+        table, unit, names, got = COLUMNS_TABLE, "rows", COLUMNS, column_contents(ctl)
+        want = np.ascontiguousarray(want[:, AT_COLUMNS])
     else:
-        table, names, got = PACKED_TABLE, ALL, packed_contents(engine)
+        table, unit, names = PACKED_TABLE, "entities", BLOCK_COLUMNS
+        got, want = block_contents(engine), unpacked(want)
     if got.shape != want.shape:
-        raise Mismatch(f"{table} holds {len(got)} rows, {len(want)} expected")
+        raise Mismatch(f"{table} holds {len(got)} {unit}, {len(want)} expected")
     bad = np.nonzero((got != want).any(axis=1))[0]
     if len(bad):
         i = bad[0]
         cols = ", ".join(names[j] for j in np.nonzero(got[i] != want[i])[0])
         raise Mismatch(
-            f"{len(bad)} of {len(want)} rows of {table} differ from what was written, the "
+            f"{len(bad)} of {len(want)} {unit} of {table} differ from what was written, the "
             f"first (scope {want[i, 0]}, entity_id {want[i, 1]}) in {cols}"
         )
 
@@ -388,24 +441,33 @@ def measure(
     repeat: int,
     batch: int,
     checkpoint: bool,
-) -> dict[str, dict[str, float]]:
-    """Median seconds per case and method."""
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Median seconds per case and method; per case, what the blocks' writer wrote."""
     rng = np.random.default_rng(n)
     entity = np.arange(1, n + 1, dtype=np.int64)
     base = states(entity, rng, NOW)
-    progress(f"[{n} rows] filling {COLUMNS_TABLE} and {PACKED_TABLE} with {n} entities each")
-    fill_base(ctl, base)
+    initial = after(base, base)  # ordered by key
+    blocks = len(block_rows(initial))
+    progress(
+        f"[{n} rows] filling {COLUMNS_TABLE} and {PACKED_TABLE} with {n} entities each "
+        f"({blocks} blocks)"
+    )
+    fill_base(ctl, initial)
     reset(ctl, checkpoint)
     try:
         for layout in LAYOUTS:
-            check(ctl, engine, layout, after(base, base))
+            check(ctl, engine, layout, initial)
     except Mismatch as e:
         raise SystemExit(f"upsert_methods: the initial fill is wrong: {e}") from None
-    for method in methods.values():  # warm-up: staging tables, connections, the VALUES SQL
-        method.write(shaped(method.layout, base[: min(n, batch)]))
+    # Warm-up: staging tables, connections, the VALUES SQL; for the blocks, whole blocks.
+    whole = initial[state.block_of(initial[:, 1]) < max(1, min(n, batch) >> BLOCK_BITS)]
+    for method in methods.values():
+        part = base[: min(n, batch)] if method.layout == "columns" else whole
+        method.write(shaped(method.layout, part))
 
     names = list(methods)
     times: dict[str, dict[str, list[float]]] = {c: {m: [] for m in names} for c in CASES}
+    wrote: dict[str, str] = {}
     n_new = int(n * NEW_SHARE)
     for case in CASES:
         for k in range(repeat):
@@ -416,7 +478,11 @@ def measure(
                 keys = np.concatenate([there, np.arange(n + 1, n + n_new + 1, dtype=np.int64)])
             written = states(keys, rng, NOW + 5 * (k + 1))
             want = after(base, written)
-            rows = {layout: shaped(layout, written) for layout in LAYOUTS}
+            # The blocks' writer rewrites every block written whole: every entity there.
+            rows = {"columns": shaped("columns", written), "blocks": shaped("blocks", want)}
+            wrote[case] = (
+                f"{len(want)} entities' values in {len(block_rows(want))} {PACKED_TABLE} rows"
+            )
             progress(
                 f"[{n} rows] {case} {k + 1}/{repeat}: writing {len(written)} rows {len(names)} ways"
             )
@@ -442,14 +508,17 @@ def measure(
                 times[case][name].append(elapsed)
                 done.append(f"{name.split(' ')[1].rstrip(':')} {ms(elapsed)}")
             progress(f"[{n} rows] {case} {k + 1}/{repeat}, each verified: " + ", ".join(done))
-    return {c: {m: statistics.median(ts) for m, ts in times[c].items()} for c in CASES}
+    medians = {c: {m: statistics.median(ts) for m, ts in times[c].items()} for c in CASES}
+    return medians, wrote
 
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms".replace(",", " ")
 
 
-def report(n: int, repeat: int, figures: dict[str, dict[str, float]]) -> None:
+def report(
+    n: int, repeat: int, figures: dict[str, dict[str, float]], wrote: dict[str, str]
+) -> None:
     widths = (36, 12, 12, 12)
     fastest = {}
     for case in CASES:
@@ -460,6 +529,7 @@ def report(n: int, repeat: int, figures: dict[str, dict[str, float]]) -> None:
         for name, t in figures[case].items():
             cells = (f"{t / n * 1e6:.2f} µs", f"x{base / t:.2f}")
             print(row(f"  {name}", ms(t), *cells, widths=widths))
+        print(f"  (5 rewrote every block whole: {wrote[case]}; per row: per the {n} written)")
         name = min(figures[case], key=figures[case].__getitem__)
         fastest[case] = (name, base / figures[case][name])
     names = {name for name, _ in fastest.values()}
@@ -507,8 +577,14 @@ def main() -> None:
                         ([COLUMNS_TABLE, PACKED_TABLE],),
                     ).fetchall()
                 )
+                storage = ctl.execute(
+                    "SELECT attstorage FROM pg_attribute WHERE attrelid = %s::regclass "
+                    "AND attname = 'packed'",
+                    (PACKED_TABLE,),
+                ).fetchone()
+                external = storage is not None and storage[0] == "e"
                 print(
-                    "bulk writes of the aggregator's state rows (keyed by scope, entity_id), "
+                    "bulk writes of the aggregator's entity states (keyed by scope, entity_id), "
                     "committed, 5 ways:"
                 )
                 print(
@@ -517,9 +593,11 @@ def main() -> None:
                     f"{fill.get(COLUMNS_TABLE) or 'default fillfactor'}"
                 )
                 print(
-                    f"5 into {PACKED_TABLE}: packed, one bytea of {len(FIELDS)} int64 ({WIDTH} "
-                    f"bytes; the same entities and values, and the minute row and starts), "
-                    f"{fill.get(PACKED_TABLE) or 'default fillfactor'}"
+                    f"5 into {PACKED_TABLE}: blocks of up to {state.BLOCK} entities of a scope "
+                    f"(scope, block, packed), {len(FIELDS)} int64 ({WIDTH} bytes) an entity "
+                    "(the same entities and values, and the minute row and starts), "
+                    f"{fill.get(PACKED_TABLE) or 'default fillfactor'}, packed "
+                    f"{'STORAGE EXTERNAL' if external else 'compressible (not EXTERNAL)'}"
                 )
                 print(
                     f"Postgres {version}: shared_buffers {shared_buffers}, synchronous_commit "
@@ -538,8 +616,8 @@ def main() -> None:
                     )
         finally:
             engine.dispose()
-    for n, f in figures.items():
-        report(n, args.repeat, f)
+    for n, (f, wrote) in figures.items():
+        report(n, args.repeat, f, wrote)
 
 
 if __name__ == "__main__":
