@@ -84,17 +84,23 @@ def encode(scopes: Ints, ids: Ints, values: npt.NDArray[Any]) -> list[tuple[int,
     """The ``usage_state`` rows (scope, block, packed) of the entities given: ``values`` per
     entity ``FIELDS`` then ``HELD_ROW`` (a held start of -1: no held row; big-endian int64
     avoids a copy). A block is written whole: the entities must be every member of each block
-    they touch (``members``).
+    they touch (the aggregator's ``service._blocks_of``), each once.
 
     NumPy does the work: the entities sorted by (scope, id), the fields of all of them in one
     matrix and the held rows of the wide ones in another, so that each block's fields and held
-    rows are consecutive rows of those; per block, Python only joins its four slices."""
+    rows are consecutive rows of those; per block, Python only joins five slices."""
     if not len(ids):
         return []
-    later = (scopes[1:] > scopes[:-1]) | ((scopes[1:] == scopes[:-1]) & (ids[1:] > ids[:-1]))
-    if not later.all():
+
+    def ascending() -> bool:
+        later = (scopes[1:] > scopes[:-1]) | ((scopes[1:] == scopes[:-1]) & (ids[1:] > ids[:-1]))
+        return bool(later.all())
+
+    if not ascending():
         order = np.lexsort((ids, scopes))
         scopes, ids, values = scopes[order], ids[order], values[order]
+        if not ascending():
+            raise ValueError("an entity is given twice: its block would hold it twice")
     held = values[:, len(FIELDS)] >= 0
     fields = np.ascontiguousarray(values[:, : len(FIELDS)], dtype=DTYPE)
     held_rows = np.ascontiguousarray(values[held, len(FIELDS) :], dtype=DTYPE)

@@ -130,6 +130,13 @@ def test_entities_of_two_widths_share_a_block_and_read_back_each_as_written(
         assert as_mapping(state.packed_of(conn, 1, 2) or b"")["held"] is None
 
 
+def test_an_entity_given_twice_is_refused_before_anything_is_written(engine: Engine) -> None:
+    twice = ((1, 5, 50), (1, 1, 10), (1, 5, 51))
+    with pytest.raises(ValueError, match="twice"):
+        write(engine, *twice)
+    assert stored(engine) == {}
+
+
 def _block(*words: int) -> bytes:
     return struct.pack(f">{len(words)}q", *words)
 
