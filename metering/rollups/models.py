@@ -84,11 +84,15 @@ class UsageGap(Base):
 class UsageState(Base):
     """What the aggregator knows of each app and account: its state, its latest minute row
     and where its latest hour, day and month rows start, packed, 64 entities of a scope to a
-    row (``metering.rollups.state``; migrations 0012 and 0014)."""
+    row, in two parts: what changes whenever the entity does, and what changes only when a row
+    begins or a held row comes or goes (``metering.rollups.state``; migrations 0012 and
+    0014)."""
 
     __tablename__ = "usage_state"
 
     scope: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    # Which part of the entities' values: ``state.NOW`` or ``state.ROWS``.
+    part: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     # The entities' ids shifted right by ``state.BLOCK_BITS``.
     block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     packed: Mapped[bytes] = mapped_column(LargeBinary)

@@ -23,10 +23,8 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from sqlalchemy import Connection, Engine, select, text, update
 
 from metering.accounts.models import App
@@ -131,6 +129,9 @@ class _Loaded:
     coverage: Coverage
     marks: dict[tuple[str, str], Marks]
     retired: set[tuple[str, str]] = field(default_factory=set)
+    # What usage_state holds of each entity's slowly changing part (``state.ROWS``, in
+    # ``state.ALL`` columns), by entity index; entities past its end are in none of its rows.
+    stored_rows: Ints = field(default_factory=lambda: np.zeros((0, state.ALL), np.int64))
 
 
 class Aggregator:
@@ -249,7 +250,7 @@ class Aggregator:
 
             horizons = {int(k): int(v) for k, v in json.loads(cursor.horizons or "{}").items()}
             states_written, rows_written = self._write(
-                conn, folder, horizons, watermark, counted_upto
+                conn, loaded, folder, horizons, watermark, counted_upto
             )
             new_gaps = loaded.coverage.gaps()[gaps_before:]
             if new_gaps:
@@ -487,11 +488,13 @@ class Aggregator:
             if m.retired:
                 retired.add((m.datacenter, m.incarnation))
         self._loaded = _Loaded(cursor.cycle, book, coverage, marks, retired)
+        self._loaded.stored_rows = _values(book)
         return self._loaded
 
-    def _write(
+    def _write(  # noqa: PLR0917 (internal)
         self,
         conn: Connection,
+        loaded: _Loaded,
         folder: Folder,
         horizons: Mapping[int, int],
         before: int | None,
@@ -514,7 +517,17 @@ class Aggregator:
         # already (merged).
         inserted = _row_matrix([*moved, *unwritten], horizons)
         merged = _row_matrix([*written, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
-        state.write(conn, *_blocks_of(book, idx))
+        # Every changed entity's fast-changing part (``state.NOW``); the slow part
+        # (``state.ROWS``) of those whose slow part differs from what usage_state holds.
+        # An entity in no row yet gets both (a block's two rows hold the same entities).
+        values = _values(book)
+        stored = loaded.stored_rows[:, state.ROWS_COLUMNS]
+        differs = np.ones(book.size, dtype=np.bool_)
+        differs[: len(stored)] = (values[: len(stored), state.ROWS_COLUMNS] != stored).any(axis=1)
+        now_idx = np.union1d(idx, np.arange(len(stored), book.size))
+        state.write(conn, *_blocks_of(book, now_idx, values), parts=(state.NOW,))
+        state.write(conn, *_blocks_of(book, np.flatnonzero(differs), values), parts=(state.ROWS,))
+        loaded.stored_rows = values
         for block, new in ((inserted, True), (merged, False)):
             bulk.upsert_array(
                 conn, "usage_rollups", columns=ROW_COLUMNS, keys=ROW_COLUMNS[:4], rows=block,
@@ -533,7 +546,8 @@ class Aggregator:
         row the entity held already and the others it closed this cycle (a cycle that crossed
         several minutes); then, of the rows held before this cycle, a share: each is due
         ``held_within`` counted seconds after its minute's end, and moves with the share of
-        the time left until then that this cycle counted (oldest first; every row past due).
+        the time left until then that this cycle counted (oldest first, then block by block;
+        every row past due).
         The entities whose held row moves are written back without it, in the same
         transaction: a closed row is in usage_rollups or in its state row, never in both."""
         book = folder.book
@@ -567,7 +581,10 @@ class Aggregator:
         left = np.maximum(due_at[candidates] - counted_from, 1)
         budget = int(np.ceil(np.minimum((now - counted_from) / left, 1.0).sum() - 1e-9))
         if budget < len(candidates):
-            candidates = candidates[np.argsort(due_at[candidates], kind="stable")[:budget]]
+            # Oldest first, then by scope and id: the rows that move lie in as few
+            # usage_state blocks as can be, and only those blocks' slow part is rewritten.
+            scopes, ids = split(book.codes[candidates])
+            candidates = candidates[np.lexsort((ids, scopes, due_at[candidates]))[:budget]]
         out.append((0, book.codes[candidates], book.held[candidates]))
         book.held[candidates, R_START] = -1
         book.dirty_state[candidates] = True
@@ -593,22 +610,29 @@ class Aggregator:
         )  # fmt: skip
 
 
-def _blocks_of(book: Book, idx: Ints) -> tuple[Ints, Ints, npt.NDArray[Any]]:
+def _values(book: Book) -> Ints:
+    """Every entity's value as ``usage_state`` holds it (``state.FIELDS`` then
+    ``state.HELD_ROW``, a held start of -1 where an entity holds no closed minute row), by
+    entity index."""
+    n = book.size
+    values = np.empty((n, state.ALL), dtype=np.int64)
+    values[:, state.STATE_COLUMNS] = book.state[:n]
+    values[:, state.MINUTE_COLUMNS] = book.rows[0, :n]
+    values[:, state.STARTS_COLUMNS] = book.rows[1:, :n, R_START].T
+    values[:, state.HELD_COLUMNS] = book.held[:n]
+    return values
+
+
+def _blocks_of(book: Book, idx: Ints, values: Ints) -> tuple[Ints, Ints, Ints]:
     """The entities of every ``usage_state`` block that holds one of the entities ``idx``
-    (scopes, ids, values: ``state.write``), in (scope, id) order, with their values as the book
-    has them (a held start of -1 where an entity holds no closed minute row)."""
+    (scopes, ids, values: ``state.write``), in (scope, id) order."""
     scopes, ids = split(book.codes[: book.size])
     blocks = state.block_of(ids) * 4 + scopes
     touched = np.unique(blocks[idx])
     at = np.minimum(np.searchsorted(touched, blocks), max(touched.size - 1, 0))
     members = np.flatnonzero(touched[at] == blocks) if touched.size else idx
     members = members[np.lexsort((ids[members], scopes[members]))]  # as encode orders them
-    values = np.empty((len(members), state.ALL), dtype=state.DTYPE)
-    values[:, state.STATE_COLUMNS] = book.state[members]
-    values[:, state.MINUTE_COLUMNS] = book.rows[0, members]
-    values[:, state.STARTS_COLUMNS] = book.rows[1:, members, R_START].T
-    values[:, state.HELD_COLUMNS] = book.held[members]
-    return scopes[members], ids[members], values
+    return scopes[members], ids[members], values[members]
 
 
 def _coarse_rows(

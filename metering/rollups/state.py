@@ -1,4 +1,4 @@
-"""``usage_state``: what the aggregator knows of each entity, 64 entities to a row.
+"""``usage_state``: what the aggregator knows of each entity, in blocks of 64, in two parts.
 
 Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes):
 
@@ -13,23 +13,30 @@ Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes
   closes every busy entity's minute row at once, does not also write them all there; a held
   row is the entity's, read with its other minute rows, until then.
 
-A row of ``usage_state`` (migration 0014) holds the entities of one scope whose ids share all
-but their low ``BLOCK_BITS`` bits (its ``block``: ``id >> BLOCK_BITS``), in one ``packed``
-value of big-endian int64 words:
+``usage_state`` (migration 0014) holds the entities of one scope whose ids share all but their
+low ``BLOCK_BITS`` bits (their ``block``: ``id >> BLOCK_BITS``) in two rows, one per part of
+their values: ``NOW``, what changes whenever the entity does (its state and its minute row's
+extremes, 21 fields), and ``ROWS``, what changes only when a row begins or a held row comes
+or goes (its minute row's start and start values, its coarser rows' starts, 18 fields, and
+the held row). Each row's ``packed`` is big-endian int64 words:
 
 - ``n``, the entities in it (1 to ``BLOCK``);
 - their ids, ascending;
-- their widths, ``len(FIELDS)`` or ``ALL`` (with a held row);
-- the ``FIELDS`` of each, in that order;
-- then the ``HELD_ROW`` of each that holds one, in that order.
+- their widths (the part's fields, and with ``ROWS`` the held row's for one that holds one);
+- the part's fields of each, in that order;
+- then, in ``ROWS``, the ``HELD_ROW`` of each that holds one, in that order.
 
-A busy entity's values change every cycle, and Postgres pays per row rewritten: an index
-entry, a tuple header, a TOAST pointer. Measured on 120 000 entities' values (312 bytes), one
-row each took 0.9 to 1.3 s to rewrite (COPY into a staging table, then one ``UPDATE ...
-FROM``), 1 875 rows of 64 entities 0.30 to 0.39 s (``bench/upsert_methods.py``). A block's
-value is 20 to 30 kB, stored out of line and uncompressed (``STORAGE EXTERNAL``: pglz would
-compress every block on every write, 7 to 9 s a cycle). A block is always written whole, from
-the aggregator's book, which holds every entity.
+A busy entity's values change every cycle, and Postgres pays per row rewritten (an index
+entry, a tuple header, a TOAST pointer) and per byte (its WAL): measured on 120 000 entities'
+480 bytes, one row each took 0.8 to 1.3 s to rewrite (COPY into a staging table, then one
+``UPDATE ... FROM``), 1 875 rows of 64 entities 0.45 to 0.7 s, in proportion to the bytes
+whatever the rows' size (``bench/upsert_methods.py``). So a cycle rewrites the ``NOW`` part
+of the blocks of the entities that changed (168 bytes an entity), and the ``ROWS`` part only
+of the blocks where an entity's slow part changed (at a minute's start, nearly all; in the
+cycles after, the blocks whose held rows move). A block's value is 10 to 30 kB, stored out of
+line and uncompressed (``STORAGE EXTERNAL``: pglz would compress every block on every
+write, 7 to 9 s a cycle). A block is always written whole, from the aggregator's book, which
+holds every entity.
 
 "No such row" is -1 in a start (``minute``, ``hour``, ``day``, ``month``) and in
 ``minute_peak`` (no counted second yet), as in the aggregator's book.
@@ -64,6 +71,19 @@ ALL = len(FIELDS) + len(HELD_ROW)
 BLOCK_BITS = 6
 BLOCK = 1 << BLOCK_BITS  # entities to a usage_state row, at most
 _AT = {name: i for i, name in enumerate((*FIELDS, *HELD_ROW))}
+# The two parts of an entity's value, each in rows of its own: what changes whenever the
+# entity changes (its state, its minute row's extremes), and what changes only when a row
+# begins or a held row comes or goes (its minute row's start and start values, its coarser
+# rows' starts, the held row).
+NOW, ROWS = 0, 1
+PARTS = (NOW, ROWS)
+_EXTREMES = tuple(f"minute_{c}" for c in _ROW[-6:])
+_BASE = {
+    NOW: np.array([_AT[c] for c in (*STATE, *_EXTREMES)]),
+    ROWS: np.array([_AT[c] for c in FIELDS if c not in STATE and c not in _EXTREMES]),
+}
+_HELD_AT = np.arange(len(FIELDS), ALL)
+ROWS_COLUMNS = np.concatenate([_BASE[ROWS], _HELD_AT])  # the slow part, in ALL columns
 # Where each part lies in a packed matrix's columns.
 STATE_COLUMNS = slice(0, len(STATE))
 MINUTE_COLUMNS = slice(len(STATE), len(STATE) + len(MINUTE_ROW))
@@ -80,15 +100,18 @@ def block_of(ids: Ints) -> Ints:
     return ids >> BLOCK_BITS
 
 
-def encode(scopes: Ints, ids: Ints, values: npt.NDArray[Any]) -> list[tuple[int, int, bytes]]:
-    """The ``usage_state`` rows (scope, block, packed) of the entities given: ``values`` per
-    entity ``FIELDS`` then ``HELD_ROW`` (a held start of -1: no held row; big-endian int64
-    avoids a copy). A block is written whole: the entities must be every member of each block
-    they touch (the aggregator's ``service._blocks_of``), each once.
+def encode(
+    part: int, scopes: Ints, ids: Ints, values: npt.NDArray[np.int64]
+) -> list[tuple[int, int, int, bytes]]:
+    """The ``usage_state`` rows (scope, part, block, packed) of one part of the entities given:
+    ``values`` per entity ``FIELDS`` then ``HELD_ROW`` (a held start of -1: no held row). A
+    block is written whole: the entities must be every member of each block they touch (the
+    aggregator's ``service._blocks_of``), each once.
 
-    NumPy does the work: the entities sorted by (scope, id), the fields of all of them in one
-    matrix and the held rows of the wide ones in another, so that each block's fields and held
-    rows are consecutive rows of those; per block, Python only joins five slices."""
+    NumPy does the work: the entities sorted by (scope, id), the part's fields of all of them
+    in one matrix and the held rows of those that hold one in another, so that each block's
+    fields and held rows are consecutive rows of those; per block, Python only joins five
+    slices."""
     if not len(ids):
         return []
 
@@ -101,22 +124,24 @@ def encode(scopes: Ints, ids: Ints, values: npt.NDArray[Any]) -> list[tuple[int,
         scopes, ids, values = scopes[order], ids[order], values[order]
         if not ascending():
             raise ValueError("an entity is given twice: its block would hold it twice")
-    held = values[:, len(FIELDS)] >= 0
-    fields = np.ascontiguousarray(values[:, : len(FIELDS)], dtype=DTYPE)
-    held_rows = np.ascontiguousarray(values[held, len(FIELDS) :], dtype=DTYPE)
+    base = len(_BASE[part])
+    held = (values[:, len(FIELDS)] >= 0) if part == ROWS else np.zeros(len(ids), np.bool_)
+    fields = values[:, _BASE[part]].astype(DTYPE)
+    held_rows = values[held][:, _HELD_AT].astype(DTYPE)
     blocks = block_of(ids)
     edges = np.flatnonzero((np.diff(blocks) != 0) | (np.diff(scopes) != 0)) + 1
     first = np.concatenate([[0], edges])
     last = np.concatenate([edges, [len(ids)]])
-    held_before = np.concatenate([[0], np.cumsum(held)])  # wide entities before each one
+    held_before = np.concatenate([[0], np.cumsum(held)])  # those holding a row before each
     counts = (last - first).astype(DTYPE).data
-    big_ids, widths = ids.astype(DTYPE).data, np.where(held, ALL, len(FIELDS)).astype(DTYPE).data
+    widths = np.where(held, base + len(HELD_ROW), base).astype(DTYPE).data
+    big_ids = ids.astype(DTYPE).data
     # (flat views: a slice of a 2-D memoryview cannot be joined)
     fields_of, held_of = fields.reshape(-1).data, held_rows.reshape(-1).data
-    f, h = len(FIELDS), len(HELD_ROW)
+    f, h = base, len(HELD_ROW)
     return [
-        (s, k, b"".join((counts[i : i + 1], big_ids[a:b], widths[a:b], fields_of[a * f : b * f],
-                         held_of[c * h : d * h])))
+        (s, part, k, b"".join((counts[i : i + 1], big_ids[a:b], widths[a:b],
+                               fields_of[a * f : b * f], held_of[c * h : d * h])))
         for i, (a, b, c, d, s, k) in enumerate(zip(
             first.tolist(), last.tolist(), held_before[first].tolist(),
             held_before[last].tolist(), scopes[first].tolist(), blocks[first].tolist(),
@@ -125,33 +150,63 @@ def encode(scopes: Ints, ids: Ints, values: npt.NDArray[Any]) -> list[tuple[int,
     ]  # fmt: skip
 
 
-def write(conn: Connection, scopes: Ints, ids: Ints, values: npt.NDArray[Any]) -> int:
-    """Write the blocks of the entities given as they now are (``encode``: every member of each
-    block they touch), inserted or replaced, in one ``executemany``; the blocks written."""
-    rows = encode(scopes, ids, values)
+def write(
+    conn: Connection,
+    scopes: Ints,
+    ids: Ints,
+    values: npt.NDArray[np.int64],
+    parts: Sequence[int] = PARTS,
+) -> int:
+    """Write ``parts`` of the entities given as they now are, in the blocks that hold them
+    (``encode``: every member of each block they touch), inserted or replaced, in one
+    ``executemany``; the rows written."""
+    rows = [row for part in parts for row in encode(part, scopes, ids, values)]
     return bulk.upsert(
-        conn, "usage_state", columns=("scope", "block", "packed"), keys=("scope", "block"),
-        rows=rows, merge={"packed": "excluded.packed"},
+        conn, "usage_state", columns=("scope", "part", "block", "packed"),
+        keys=("scope", "part", "block"), rows=rows, merge={"packed": "excluded.packed"},
     )  # fmt: skip
 
 
-def decode(rows: Sequence[tuple[int, int, bytes]]) -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
-    """The entities of ``usage_state`` rows (scope, block, packed): scopes, ids and values as
-    ``encode`` takes them (a held start of -1 where an entity holds no minute row), in the
-    rows' order. A value of another shape is an error, never misread.
+def decode(
+    rows: Sequence[tuple[int, int, int, bytes]],
+) -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
+    """The entities of ``usage_state`` rows (scope, part, block, packed), both parts of each:
+    scopes, ids and values as ``encode`` takes them (a held start of -1 where an entity holds
+    no minute row), in (scope, id) order. A value of another shape, or an entity with one
+    part and not the other, is an error, never misread."""
+    got = [_decode_part(part, [r for r in rows if r[1] == part]) for part in PARTS]
+    (scopes, ids, now), (scopes_rows, ids_rows, rest) = got
+    if len(ids) != len(ids_rows) or (ids != ids_rows).any() or (scopes != scopes_rows).any():
+        raise ValueError(
+            "usage_state holds one part of an entity's value and not the other: the database "
+            "and the code are at different migrations (run `metering db upgrade`)"
+        )
+    values = np.full((len(ids), ALL), -1, dtype=np.int64)
+    values[:, _BASE[NOW]] = now[:, : len(_BASE[NOW])]
+    values[:, _BASE[ROWS]] = rest[:, : len(_BASE[ROWS])]
+    values[:, _HELD_AT] = rest[:, len(_BASE[ROWS]) :]
+    return scopes, ids, values
+
+
+def _decode_part(
+    part: int, rows: Sequence[tuple[int, int, int, bytes]]
+) -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
+    """One part's entities (``decode``): scopes, ids, and the part's fields then the held
+    row's (-1 where none), in (scope, id) order.
 
     All rows at once: their values joined in one buffer, each field's place found by NumPy
-    from the counts and widths (the aggregator's cold start reads 2 000 blocks)."""
-    f, h = len(FIELDS), len(HELD_ROW)
+    from the counts and widths (the aggregator's cold start reads 4 000 blocks)."""
+    f, h = len(_BASE[part]), len(HELD_ROW) if part == ROWS else 0
+    rows = sorted(rows, key=lambda r: (r[0], r[2]))
     if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, ALL), np.int64)
-    words = np.fromiter((len(p) for _, _, p in rows), dtype=np.int64, count=len(rows))
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, f + h), np.int64)
+    words = np.fromiter((len(r[3]) for r in rows), dtype=np.int64, count=len(rows))
     bad = (words % 8 != 0) | (words < 8)
     if bad.any():
         raise _malformed(rows, bad)
     words //= 8
     starts = np.concatenate([[0], np.cumsum(words)[:-1]])
-    flat = np.frombuffer(b"".join(p for _, _, p in rows), dtype=DTYPE).astype(np.int64)
+    flat = np.frombuffer(b"".join(r[3] for r in rows), dtype=DTYPE).astype(np.int64)
     n = flat[starts]
     bad = (n <= 0) | (n > BLOCK) | (words < 1 + 2 * n)
     if bad.any():
@@ -161,51 +216,54 @@ def decode(rows: Sequence[tuple[int, int, bytes]]) -> tuple[Ints, Ints, npt.NDAr
     rank = np.arange(len(of)) - first[of]  # its place in its row
     ids = flat[starts[of] + 1 + rank]
     widths = flat[starts[of] + 1 + n[of] + rank]
-    wide = widths == ALL
-    blocks = np.array([k for _, k, _ in rows], dtype=np.int64)
+    wide = (widths == f + h) & (h > 0)
+    blocks = np.array([r[2] for r in rows], dtype=np.int64)
     wrong = ((widths != f) & ~wide) | (block_of(ids) != blocks[of])
     wrong[1:] |= (of[1:] == of[:-1]) & (ids[1:] <= ids[:-1])  # ascending in its row
     bad = np.bincount(of[wrong], minlength=len(rows)) > 0
     bad |= words != 1 + (2 + f) * n + h * np.bincount(of[wide], minlength=len(rows))
     if bad.any():
         raise _malformed(rows, bad)
-    # Each word's part of its row: count, ids, widths, fields (3), held rows (4); the fields
-    # of all entities are then the words of part 3, in order, and so are the held rows.
+    # Each word's place in its row: count, ids, widths, fields (3), held rows (4); the fields
+    # of all entities are then the words of place 3, in order, and so are the held rows.
     sizes = np.column_stack([np.ones_like(n), n, n, f * n, words - (1 + (2 + f) * n)])
-    part = np.repeat(np.tile(np.arange(5, dtype=np.int8), len(rows)), sizes.ravel())
-    values = np.full((len(of), ALL), -1, dtype=np.int64)
-    values[:, :f] = flat[part == 3].reshape(-1, f)
-    values[wide, f:] = flat[part == 4].reshape(-1, h)
-    scopes = np.array([s for s, _, _ in rows], dtype=np.int64)[of]
+    place = np.repeat(np.tile(np.arange(5, dtype=np.int8), len(rows)), sizes.ravel())
+    values = np.full((len(of), f + h), -1, dtype=np.int64)
+    values[:, :f] = flat[place == 3].reshape(-1, f)
+    if h:
+        values[wide, f:] = flat[place == 4].reshape(-1, h)
+    scopes = np.array([r[0] for r in rows], dtype=np.int64)[of]
     return scopes, ids, values
 
 
-def _malformed(rows: Sequence[tuple[int, int, bytes]], bad: npt.NDArray[np.bool_]) -> ValueError:
-    scope, block, _ = rows[int(np.argmax(bad))]
+def _malformed(
+    rows: Sequence[tuple[int, int, int, bytes]], bad: npt.NDArray[np.bool_]
+) -> ValueError:
+    scope, part, block, _ = rows[int(np.argmax(bad))]
     return ValueError(
-        f"usage_state row ({scope}, {block}) is not a block of entity values (and "
+        f"usage_state row ({scope}, {part}, {block}) is not a block of entity values (and "
         f"{int(bad.sum()) - 1} more): the database and the code are at different migrations "
         "(run `metering db upgrade`)"
     )
 
 
-def _rows(conn: Connection, where: str) -> list[tuple[int, int, bytes]]:
+def _rows(conn: Connection, where: str) -> list[tuple[int, int, int, bytes]]:
     # Identifiers and conditions come from the code, never from input.
-    sql = f"SELECT scope, block, packed FROM usage_state WHERE {where} ORDER BY scope, block"  # noqa: S608
+    sql = f"SELECT scope, part, block, packed FROM usage_state WHERE {where}"  # noqa: S608
     if conn.dialect.name != "postgresql":
-        return [(s, k, bytes(p)) for s, k, p in conn.exec_driver_sql(sql).all()]
+        return [(s, t, k, bytes(p)) for s, t, k, p in conn.exec_driver_sql(sql).all()]
     raw: Any = conn.connection.driver_connection
     with raw.cursor(binary=True) as cur:  # the values as they are stored, not in hex
         cur.execute(sql)
-        return [(s, k, bytes(p)) for s, k, p in cur.fetchall()]
+        return [(s, t, k, bytes(p)) for s, t, k, p in cur.fetchall()]
 
 
 def select(conn: Connection, where: str = "TRUE") -> tuple[Ints, Ints, npt.NDArray[np.int64]]:
     """The entities in the ``usage_state`` rows that meet ``where`` (SQL on its scope and
-    block): scopes, entity ids, and their values as one int64 matrix of ``FIELDS`` then
-    ``HELD_ROW`` (a held start of -1 where an entity holds no row, and a minute start of -1
-    where its minute row has no counted second, as ``as_mapping`` reads them), in (scope,
-    id) order."""
+    block, never its part): scopes, entity ids, and their values as one int64 matrix of
+    ``FIELDS`` then ``HELD_ROW`` (a held start of -1 where an entity holds no row, and a
+    minute start of -1 where its minute row has no counted second, as ``as_mapping`` reads
+    them), in (scope, id) order."""
     scopes, ids, values = decode(_rows(conn, where))
     values[values[:, _AT["minute_peak"]] < 0, _AT["minute"]] = -1
     return scopes, ids, values

@@ -74,27 +74,31 @@ def test_blocks_are_written_as_they_now_are_whether_or_not_they_were_there(
     """64 ids of a scope to a row: ids 1 and 63 share one, 64 begins the next, and scope 2's
     id 1 is apart from scope 1's. Each write gives every member of the blocks it touches."""
     first = ((1, 1, 10), (1, 63, 630), (1, 64, 640), (2, 1, 21))
-    assert write(engine, *first) == 3  # all new
+    assert write(engine, *first) == 2 * 3  # all new: both parts of each block
     assert stored(engine) == expected(*first)
 
     again = ((2, 1, 22), (1, 64, 641), (1, 1, 11), (1, 63, 631))  # (any order)
-    assert write(engine, *again) == 3  # all there: replaced
+    assert write(engine, *again) == 2 * 3  # all there: replaced
     assert stored(engine) == expected(*again)
 
     some = ((1, 1, 12), (1, 2, 20), (1, 63, 632), (1, 200, 2000))  # block 0 and a new one
-    assert write(engine, *some) == 2
+    assert write(engine, *some) == 2 * 2
     assert stored(engine) == expected(*some, (1, 64, 641), (2, 1, 22))
-    assert write(engine, *some) == 2  # the same again (a replay): no change
+    assert write(engine, *some) == 2 * 2  # the same again (a replay): no change
     assert stored(engine) == expected(*some, (1, 64, 641), (2, 1, 22))
 
     with engine.connect() as conn:  # one entity as the stats API reads it
         one = state.packed_of(conn, 1, 63)
         assert state.packed_of(conn, 1, 3) is None  # in a block, not in it
         assert state.packed_of(conn, 2, 200) is None  # no such block
-        rows = conn.execute(text("SELECT scope, block FROM usage_state ORDER BY 1, 2")).all()
+        rows = conn.execute(text("SELECT scope, part, block FROM usage_state ORDER BY 1, 2, 3"))
     assert one == pack(dict.fromkeys(FIELDS[:-1], 632) | {FIELDS[-1]: -632})
     assert one[:8] == (632).to_bytes(8, "big")
-    assert [tuple(r) for r in rows] == [(1, 0), (1, 1), (1, 3), (2, 0)]
+    assert [tuple(r) for r in rows] == [
+        (1, state.NOW, 0), (1, state.NOW, 1), (1, state.NOW, 3),
+        (1, state.ROWS, 0), (1, state.ROWS, 1), (1, state.ROWS, 3),
+        (2, state.NOW, 0), (2, state.ROWS, 0),
+    ]  # fmt: skip
 
 
 def test_entities_of_two_widths_share_a_block_and_read_back_each_as_written(
@@ -109,9 +113,13 @@ def test_entities_of_two_widths_share_a_block_and_read_back_each_as_written(
         state.write(conn, np.ones(3, np.int64), np.array([1, 2, 5]), both)
     with engine.connect() as conn:
         found = {e: state.packed_of(conn, 1, e) for e in (1, 2, 5)}
-        assert len(conn.execute(text("SELECT packed FROM usage_state")).scalar()) == 8 * (
-            1 + 2 * 3 + 3 * len(FIELDS) + len(HELD_ROW)
-        )
+        sizes = dict(conn.execute(text("SELECT part, length(packed) FROM usage_state")).all())
+    # Per part: the count, 3 ids, 3 widths, each entity's fields of the part (21 that change
+    # whenever it does, 18 that change when a row begins), and the held row with the latter.
+    assert sizes == {
+        state.NOW: 8 * (1 + 2 * 3 + 3 * 21),
+        state.ROWS: 8 * (1 + 2 * 3 + 3 * 18 + len(HELD_ROW)),
+    }
     assert [len(found[e] or b"") for e in (1, 2, 5)] == [WIDTH, HELD_WIDTH, WIDTH]
     assert as_mapping(found[1] or b"")["held"] is None
     got = as_mapping(found[2] or b"")
@@ -142,23 +150,26 @@ def _block(*words: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("value", "what"),
+    ("part", "value", "what"),
     [
-        (_block(1, 1, len(FIELDS), *range(len(FIELDS)))[:-3], "a length that is not words"),
-        (_block(1, 1, len(FIELDS), *range(len(FIELDS) - 1)), "a value short of a field"),
-        (_block(1, 1, 40, *range(40)), "a width of neither kind"),
-        (_block(0), "no entity"),
-        (_block(1, 64, len(FIELDS), *range(len(FIELDS))), "an id of another block"),
-        (_block(2, 3, 1, *[len(FIELDS)] * 2, *range(2 * len(FIELDS))), "ids out of order"),
-        (b"\x00" * 8 * len(FIELDS), "one entity's value, as before migration 0014"),
+        (state.NOW, _block(1, 1, 21, *range(21))[:-3], "a length that is not words"),
+        (state.NOW, _block(1, 1, 21, *range(20)), "a value short of a field"),
+        (state.NOW, _block(1, 1, 22, *range(22)), "a width of neither kind"),
+        (state.ROWS, _block(1, 1, 20, *range(20)), "a width of neither kind"),
+        (state.NOW, _block(0), "no entity"),
+        (state.NOW, _block(1, 64, 21, *range(21)), "an id of another block"),
+        (state.NOW, _block(2, 3, 1, 21, 21, *range(42)), "ids out of order"),
+        (state.NOW, b"\x00" * 8 * len(FIELDS), "one entity's value, as before migration 0014"),
+        (state.NOW, _block(1, 1, 21, *range(21)), "one part of an entity and not the other"),
     ],
 )
 def test_a_block_of_another_shape_is_refused_with_the_migration_to_run(
-    engine: Engine, value: bytes, what: str
+    engine: Engine, part: int, value: bytes, what: str
 ) -> None:
     with engine.begin() as conn:
         conn.execute(
-            text("INSERT INTO usage_state (scope, block, packed) VALUES (1, 0, :p)"), {"p": value}
+            text("INSERT INTO usage_state (scope, part, block, packed) VALUES (1, :t, 0, :p)"),
+            {"t": part, "p": value},
         )
     with engine.connect() as conn:
         with pytest.raises(ValueError, match="metering db upgrade"):

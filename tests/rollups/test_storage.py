@@ -12,15 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, inspect, text
 
+from metering.core.database import get_engine
 from metering.core.migrate import alembic_config, upgrade
+from metering.gateway.sdk import Meter
+from metering.live.service import tick
+from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups import state
+from metering.rollups.fold import codes
 from metering.rollups.marks import Marks
+from metering.rollups.service import Aggregator, _values
 from metering.rollups.state import HELD_ROW, as_mapping, pack
-from tests.scratch import scratch_database
+from tests.conftest import Env
+from tests.factories import tenant
+from tests.scratch import REDIS_URL, scratch_database
 
 _HELD = [c.removeprefix("held_") for c in HELD_ROW[1:]]
 _ROW_VALUES = _HELD  # a row's values after its start, as usage_rollups and the state hold them
@@ -511,12 +520,12 @@ def test_migration_0013_writes_the_coarser_rows_the_state_rows_complete_on_the_w
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
-def test_migration_0014_puts_64_entities_of_a_scope_in_a_row_and_gives_each_its_own_back(
+def test_migration_0014_puts_64_entities_of_a_scope_in_two_rows_and_gives_each_its_own_back(
     dialect: str, tmp_path: Path
 ) -> None:
     """Ids on both sides of a block's edge (63, 64), both scopes (app 1 and account 1 apart),
-    entities with and without a held minute row: the blocks read back as every entity's
-    value was, and the downgrade gives each its row back byte for byte."""
+    entities with and without a held minute row: the blocks, two parts each, read back as
+    every entity's value was, and the downgrade gives each its row back byte for byte."""
     month = 1775001600  # 2026-04-01 00:00 UTC
 
     def value(entity: int, *, held: bool) -> bytes:
@@ -541,7 +550,7 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_a_row_and_gives_each_its_
         command.upgrade(cfg, "0014")
         with engine.connect() as conn:
             blocks = conn.execute(
-                text("SELECT scope, block, length(packed) FROM usage_state ORDER BY 1, 2")
+                text("SELECT scope, block, part, length(packed) FROM usage_state ORDER BY 1, 2, 3")
             ).all()
             scopes, ids, values = state.select(conn)
             one = {key: state.packed_of(conn, *key) for key in before}
@@ -553,12 +562,19 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_a_row_and_gives_each_its_
                     )
                 ).scalar()
                 assert storage == "e"
-        wide, narrow = len(pack({"held": 1})) // 8, len(pack({})) // 8
+        # Per block, two rows: the 21 fields that change whenever an entity does, then the 18
+        # that change when a row begins, with the held rows (21 values each).
+        now, slow, held = 21, 18, len(HELD_ROW)
+        assert len(pack({})) // 8 == now + slow
         assert [tuple(b) for b in blocks] == [
-            (1, 0, 8 * (1 + 2 * 2 + narrow + wide)),  # 1 and 63
-            (1, 1, 8 * (1 + 2 + narrow)),  # 64
-            (1, 3, 8 * (1 + 2 + wide)),  # 200
-            (2, 0, 8 * (1 + 2 + wide)),  # the account
+            (1, 0, state.NOW, 8 * (1 + 2 * 2 + 2 * now)),  # 1 and 63
+            (1, 0, state.ROWS, 8 * (1 + 2 * 2 + 2 * slow + held)),  # 63 holds a row
+            (1, 1, state.NOW, 8 * (1 + 2 + now)),  # 64
+            (1, 1, state.ROWS, 8 * (1 + 2 + slow)),
+            (1, 3, state.NOW, 8 * (1 + 2 + now)),  # 200
+            (1, 3, state.ROWS, 8 * (1 + 2 + slow + held)),
+            (2, 0, state.NOW, 8 * (1 + 2 + now)),  # the account
+            (2, 0, state.ROWS, 8 * (1 + 2 + slow + held)),
         ]
         assert list(zip(scopes.tolist(), ids.tolist(), strict=True)) == list(before)
         assert one == before
@@ -575,3 +591,46 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_a_row_and_gives_each_its_
             }
         assert back == before
         command.upgrade(cfg, "head")
+
+
+def test_a_cycle_rewrites_the_slow_part_of_a_block_only_when_a_row_began_in_it(env: Env) -> None:
+    """Mid-minute, a busy entity's state and extremes change and nothing else: a cycle
+    rewrites its blocks' ``NOW`` rows, not their ``ROWS`` rows (Postgres gives a rewritten row
+    a new ``xmin``). The next minute's first cycle begins a minute row for it: both rows. The
+    rows then hold what the running worker holds."""
+    t = tenant("stats")
+    client = redis.Redis.from_url(REDIS_URL)
+    g, dc = GlobalStore(client, env.prefix), DatacenterStore(client, env.prefix, "dc1")
+    meter = Meter(dc, "fe-s", liveness_timeout=60)
+    aggregator = Aggregator(get_engine(), g, {"dc1": dc})
+    start = 1_800_000_000 - 1_800_000_000 % 60 + 10
+
+    def second(at: int) -> dict[tuple[int, int, int], str]:
+        meter.connection_opened(str(t.app_id))
+        meter.flush()
+        tick(g, {"dc1": dc}, liveness_timeout=60, sample_retention=100, now=at)
+        assert aggregator.run().committed
+        with get_engine().connect() as conn:
+            found = conn.execute(text("SELECT scope, part, block, xmin::text FROM usage_state"))
+            return {(s, p, b): x for s, p, b, x in found}
+
+    first = second(start)
+    assert {(s, p) for s, p, _ in first} == {(s, p) for s in (1, 2) for p in state.PARTS}
+    steady = second(start + 1)
+    assert [k for k in first if first[k] != steady[k]] == [k for k in first if k[1] == state.NOW]
+    begun = second(start + 60)  # the next minute
+    assert all(begun[k] != steady[k] for k in first)
+    with get_engine().connect() as conn:
+        scopes, ids, values = state.select(conn)
+    assert aggregator._loaded is not None
+    book = aggregator._loaded.book
+    live = _values(book)[book.find(codes(scopes, ids))]
+    assert (values == live).all()  # what a worker started now loads: what this one holds
+    assert sorted(zip(scopes.tolist(), ids.tolist(), strict=True)) == [
+        (1, t.app_id),
+        (2, t.account_id),
+    ]
+    minute = values[:, state.column("minute")]
+    assert minute.tolist() == [start - 10 + 60] * 2  # both hold the new minute's row
+    assert (values[:, state.column("held")] == start - 10).all()  # and the one that closed
+    client.close()
