@@ -573,6 +573,7 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
     (Aggregator, "_fold_counters", "fold counters (deltas against marks, NumPy)"),
     (Aggregator, "_owners_of", "owners of apps"),
     (Aggregator, "_write", "build state and row matrices (NumPy)"),
+    (service, "_values", "state: every entity's values, by index (NumPy)"),
     (service, "_blocks_of", "state blocks: gather their entities (NumPy)"),
     (state, "encode", "state blocks: encode (NumPy)"),
     (bulk, "binary_copy", "binary COPY building (NumPy)"),

@@ -4,10 +4,11 @@ A scratch database built by the migrations holds --accounts accounts, each with 
 on three priced packages (a tenth of the accounts changed package within the month), and
 October 2026's rollups as the aggregator leaves them: per account and per app a month row and a
 state (its fields in ``usage_state``, no minute row, no starts, no held row; 64 entities of a
-scope to a row, ``metering.rollups.state``), per account an hour row holding its channel peak;
+scope to a block, each block in two rows, one per part of their values: ``state.NOW`` and
+``state.ROWS``, ``metering.rollups.state``), per account an hour row holding its channel peak;
 the aggregation watermark is past the month's end. They are written by COPY (the state rows
-encoded by ``state.encode``), not by running the aggregator (which bench/aggregate.py
-measures).
+encoded by ``state.encode``, both parts of every block), not by running the aggregator (which
+bench/aggregate.py measures).
 
 Measured: ``metering billing close --month 2026-10`` run as an operator runs it, a process of
 its own (its start-up included), timed from outside; peak memory is that process's maximum
@@ -15,10 +16,10 @@ resident set (``getrusage(RUSAGE_CHILDREN)``). Then the same command again, whic
 month closed.
 
 Baseline, in the same run and database: raw psycopg reading the same rollup and state rows
-(``fetchall``; ``usage_state``'s blocks in binary, as ``state.select`` reads them, their
-words as one array) and COPYing as many invoice rows and invoice-line rows (same
-columns, text format built by f-strings) into temporary tables, committed: the least a close
-must move.
+(``fetchall``; ``usage_state``'s rows, both parts of every block, in binary, as
+``state.select`` reads them, their words as one array, not decoded) and COPYing as many
+invoice rows and invoice-line rows (same columns, text format built by f-strings) into
+temporary tables, committed: the least a close must move.
 
     python bench/billing_close.py [--accounts 100000 --apps 2]
 """
@@ -65,10 +66,10 @@ ROLLUP_COLUMNS = (
     "ch_area0", *(f"{c}0" for c in COUNTERS), "peak", "peak_at", "min", "ws_peak", "ch_peak",
     "ch_min",
 )  # fmt: skip
-# usage_state: 64 entities of a scope to a row, their fields packed in one value
-# (metering.rollups.state).
-STATE_COLUMNS = ("scope", "block", "packed")
-STATE_TYPES = ("int2", "int8", "bytea")
+# usage_state: 64 entities of a scope to a block, two rows a block (one per part of their
+# values), each part's fields packed in one value (metering.rollups.state).
+STATE_COLUMNS = ("scope", "part", "block", "packed")
+STATE_TYPES = ("int2", "int2", "int8", "bytea")
 
 
 def progress(text: str) -> None:
@@ -170,18 +171,22 @@ def populate(dsn: str, accounts: int, apps: int, rng: random.Random) -> None:
             (END + 30, START - 86400),
         )
         conn.execute("ANALYZE")
-        progress(f"{len(rollups)} rollup rows, {len(states)} states in {blocks} usage_state rows")
+        progress(
+            f"{len(rollups)} rollup rows, {len(states)} states in {blocks} usage_state rows "
+            f"(both parts of {blocks // len(state.PARTS)} blocks)"
+        )
 
 
-def state_blocks(states: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
-    """The ``usage_state`` rows (scope, block, packed) of entities' (scope, id, ``FIELDS``):
-    as ``state.write`` would write them, none holding a closed minute row (held start -1)."""
+def state_blocks(states: list[tuple[int, int, bytes]]) -> list[tuple[int, int, int, bytes]]:
+    """The ``usage_state`` rows (scope, part, block, packed) of entities' (scope, id,
+    ``FIELDS``): both parts of every block, as ``state.write`` would write them, none holding
+    a closed minute row (held start -1)."""
     scopes = np.array([s for s, _, _ in states], dtype=np.int64)
     ids = np.array([e for _, e, _ in states], dtype=np.int64)
     fields = np.frombuffer(b"".join(p for _, _, p in states), dtype=state.DTYPE)
     values = np.full((len(states), state.ALL), -1, dtype=state.DTYPE)
     values[:, : len(state.FIELDS)] = fields.reshape(len(states), len(state.FIELDS))
-    return state.encode(scopes, ids, values)
+    return [row for part in state.PARTS for row in state.encode(part, scopes, ids, values)]
 
 
 def baseline(dsn: str, accounts: int) -> float:
@@ -196,10 +201,11 @@ def baseline(dsn: str, accounts: int) -> float:
             ).fetchall()
             with conn.cursor(binary=True) as cur:  # the blocks as stored, not in hex
                 found = cur.execute(
-                    "SELECT scope, block, packed FROM usage_state WHERE scope = %s ORDER BY block",
+                    "SELECT scope, part, block, packed FROM usage_state WHERE scope = %s "
+                    "ORDER BY part, block",
                     (scope,),
                 ).fetchall()
-            np.frombuffer(b"".join(packed for _scope, _block, packed in found), state.DTYPE)
+            np.frombuffer(b"".join(packed for *_key, packed in found), state.DTYPE)
         conn.execute("CREATE TEMP TABLE i (LIKE invoices)")
         conn.execute("CREATE TEMP TABLE l (LIKE invoice_lines)")
         issued = datetime.now(UTC).isoformat()

@@ -4,15 +4,19 @@ The design says "bulk upserts: multi-row VALUES, unnest, or COPY into a staging 
 and pick". The aggregator rewrites every busy entity's state in ``usage_state`` every cycle.
 Since migration 0012 an entity's state is the 39 values of ``metering.rollups.state.FIELDS``
 (the state, the latest minute row whole, the latest hour, day and month rows' starts), each a
-big-endian int64 (312 bytes), packed in one ``bytea``; since migration 0014 a row of
-``usage_state`` is ``(scope, block, packed)``, the entities of one scope whose ids share all
-but their low ``state.BLOCK_BITS`` bits (up to 64), their values in one ``packed`` (their
-count, ids and widths, then their fields; ``state.encode``), stored out of line uncompressed
-(``STORAGE EXTERNAL``). It was 23 columns (the keys, the state, the minute row's extremes),
-with the rest in ``usage_starts``, rewritten at every minute in a second UPDATE. Packed,
-because on Postgres an UPDATE costs per column written, whether it changed or not: measured
-elsewhere on 120 000 rows, 21 bigint columns took 450 ms and 42 took 700 ms, one ``bytea`` of
-21 values 300 ms and of 42 values 375 ms; in blocks, because it also costs per row rewritten.
+big-endian int64 (312 bytes), packed in one ``bytea``; since migration 0014 ``usage_state``
+is ``(scope, part, block, packed)``: the entities of one scope whose ids share all but their
+low ``state.BLOCK_BITS`` bits (up to 64) in two rows, one per part of their values, each
+``packed`` their count, ids and widths, then each one's fields of the part (``state.encode``),
+stored out of line uncompressed (``STORAGE EXTERNAL``). Part ``state.NOW`` (0) is what changes
+whenever the entity does: the state and the minute row's extremes, 21 fields, the very values
+of ``COLUMNS`` below; part ``state.ROWS`` (1) what changes only when a row begins: the minute
+row's start and start values and the hour, day and month starts, 18 fields (and a held minute
+row, none here). It was 23 columns (the keys, the state, the minute row's extremes), with the
+rest in ``usage_starts``, rewritten at every minute in a second UPDATE. Packed, because on
+Postgres an UPDATE costs per column written, whether it changed or not: measured elsewhere on
+120 000 rows, 21 bigint columns took 450 ms and 42 took 700 ms, one ``bytea`` of 21 values
+300 ms and of 42 values 375 ms; in blocks, because it also costs per row rewritten.
 
 So this measures the four ways of writing the column-shaped table, and the production write of
 the blocks, on the same entities. In one scratch database built by the migrations:
@@ -20,17 +24,22 @@ the blocks, on the same entities. In one scratch database built by the migration
 - ``bench_state_columns``, which the benchmark creates: ``usage_state``'s columns before
   migration 0012 (``COLUMNS``: scope smallint, entity_id and the 21 values bigint, NOT NULL),
   primary key (scope, entity_id), fillfactor 45, as that table was;
-- ``usage_state`` as the migrations leave it (scope, block, packed; fillfactor 45, ``packed``
-  STORAGE EXTERNAL).
+- ``usage_state`` as the migrations leave it (scope, part, block, packed; fillfactor 45,
+  ``packed`` STORAGE EXTERNAL).
 
 Per size N (--rows), each first holds N entities (entity ids 1..N; those of every 6th run of 64
 ids, ``id >> 6`` a multiple of 6, of scope 2, the others of scope 1, so that, as apps and
 accounts, whose ids are counted apart, each scope's ids fill its blocks; plausible values in
 every field, no NULL; in ``usage_state`` every one of the 39 fields, the minute row and the
-starts included, and no held minute row). Then each method writes, committed:
+starts included, both parts of every block, and no held minute row). Then each method writes,
+committed, rows of the same minute (5 to 15 s later), as a steady cycle does after the
+minute's first: the entities already there change every field of their fast part (``NOW``)
+and keep their slow part (``ROWS``) as the table holds it (``same_minute``; the generator
+draws the minute row's start values anew on each call, the starts are the same);
 
-- steady: N changed rows, every one already there (what a steady cycle does);
-- 10% new: N rows, 90 % of them entities already there (picked at random), 10 % new ones.
+- steady: N changed rows, every one already there;
+- 10% new: N rows, 90 % of them entities already there (picked at random), 10 % new ones
+  (every field theirs).
 
 The methods, each timed from the NumPy matrix in hand to after the commit:
 
@@ -49,28 +58,37 @@ The methods, each timed from the NumPy matrix in hand to after the commit:
 4. bulk.upsert_array: the production code for the rollup rows (COPY in binary, built by NumPy,
    into a staging table, then ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``) on a SQLAlchemy
    connection, into ``bench_state_columns``;
-5. state.write: the production code the aggregator writes ``usage_state`` with
-   (``state.encode`` builds each block's value by NumPy, then psycopg's ``executemany`` of
-   ``INSERT ... ON CONFLICT (scope, block) DO UPDATE``, a block a row, in one pipeline, in
-   binary), on a SQLAlchemy connection. A block is written whole, so it is given, as the
-   aggregator gives it (``service._blocks_of``, not timed), every entity of every block that
-   holds one written, all of them here: every block is rewritten whole. In steady that is the
-   same N entities; in 10% new the 10 % of entities not written share their blocks with those
-   written, and go too: N + N/10 entities' values (the speed and per-row figures still count
-   N). Each with the same state values, and 18 values more (the minute row's start values and
-   the starts that were in ``usage_starts``); the values as the aggregator holds them, a
-   big-endian int64 matrix of ``state.ALL`` columns (a held start of -1: no held row).
+5. state.write: the production code the aggregator writes ``usage_state`` with, called as
+   its cycle calls it (``service``, ``cycle`` here): ``state.write(..., parts=(state.NOW,))``
+   for the blocks holding an entity written, then ``parts=(state.ROWS,)`` for the blocks
+   holding one whose slow part differs from the table's or that is new (a new entity needs
+   both parts), skipped when there is none; both in one transaction on a SQLAlchemy
+   connection (``state.encode`` builds each block's part by NumPy, then psycopg's
+   ``executemany`` of ``INSERT ... ON CONFLICT (scope, part, block) DO UPDATE``, a row per
+   block and part, in one pipeline, in binary). A block's part is written whole, so it is
+   given, as the aggregator gives it (``service._blocks_of``, not timed, nor the comparison
+   of slow parts), every entity of every block that holds one to write. In steady: part NOW
+   of every block, the same N entities (21 values each, as methods 1-4), no part ROWS (no
+   slow part changed: what the production steady cycle writes). In 10% new: part NOW of
+   every block, N + N/10 entities (the 10 % not written share their blocks with those
+   written, and go too), and part ROWS (18 values each) of the blocks holding the N/10 new
+   entities, with the old entities in those blocks (the speed and per-row figures still
+   count N). Not measured: a minute's first cycle, which writes both parts of nearly every
+   block. The values as the aggregator holds them, a big-endian int64 matrix of
+   ``state.ALL`` columns (a held start of -1: no held row).
 
 Before each write both tables are put back as they were: a CHECKPOINT (so that none falls
 inside the measured write, and every method pays the same full-page images in the WAL for the
-pages it first touches after one), TRUNCATE, the N rows (the blocks of the N entities) again,
-VACUUM ANALYZE. After it, the whole table written is read back (``bench_state_columns`` by a
-binary COPY, ``usage_state`` by ``state.select``, every entity of every block with its values)
-and compared with what the rows written say it must hold: a method that left anything else
-stops the benchmark (exit status 1) before any time is reported. The methods run in a
-different order in each repeat, with the garbage collector off while one is timed (the
-aggregator's cycle runs so). Time: the median of --repeat; speed: the baseline's time over the
-method's.
+pages it first touches after one), TRUNCATE, the N rows (both parts of the blocks of the N
+entities, built by ``block_rows``, not by the code measured) again, VACUUM ANALYZE. After it,
+the whole table written is read back (``bench_state_columns`` by a binary COPY,
+``usage_state`` by ``state.select``, both parts of every block, every entity with its values)
+and compared with what the rows written say it must hold, the slow part included (a part
+ROWS missing for a new entity's block is an error of ``state.select``, one written wrong a
+difference): a method that left anything else stops the benchmark (exit status 1) before any
+time is reported. The methods run in a different order in each repeat, with the garbage
+collector off while one is timed (the aggregator's cycle runs so). Time: the median of
+--repeat; speed: the baseline's time over the method's.
 
     python bench/upsert_methods.py [--rows 100000] [--repeat 3] [--batch 1000]
 """
@@ -100,13 +118,13 @@ from bench._common import exit_on_sigterm, row
 from metering.core.database import make_engine
 from metering.rollups import bulk, state
 from metering.rollups.models import COUNTERS
-from metering.rollups.state import BLOCK_BITS, FIELDS, HELD_ROW, WIDTH
+from metering.rollups.state import BLOCK_BITS, FIELDS, HELD_ROW
 from tests.scratch import scratch_database
 
 Ints = npt.NDArray[np.int64]
 Write = Callable[[Any], None]  # a layout's rows: ``shaped``
 
-PACKED_TABLE = "usage_state"  # (scope, block, packed): the production table
+PACKED_TABLE = "usage_state"  # (scope, part, block, packed): the production table
 COLUMNS_TABLE = "bench_state_columns"
 KEYS = ("scope", "entity_id")
 # usage_state's columns before migration 0012: the state, then its latest minute row's extremes.
@@ -123,6 +141,16 @@ ON_CONFLICT = f"ON CONFLICT ({', '.join(KEYS)}) DO UPDATE SET " + ", ".join(
 # The rows generated: the keys, then the packed fields; the column layout is a part of them.
 ALL = (*KEYS, *FIELDS)
 AT_COLUMNS = [ALL.index(c) for c in COLUMNS]
+# The two parts of an entity's value, each in usage_state rows of its own, as migration 0014
+# states them (indices into FIELDS): what changes whenever the entity does (the state and the
+# minute row's extremes: the columns above, those methods 1-4 write), and what changes only
+# when a row begins (the minute row's start and start values, the hour, day and month starts).
+PART_FIELDS = {
+    state.NOW: (*range(0, 15), *range(30, 36)),
+    state.ROWS: (*range(15, 30), *range(36, 39)),
+}
+assert [FIELDS[i] for i in PART_FIELDS[state.NOW]] == list(VALUE_COLUMNS), "parts moved"
+SLOW = [len(KEYS) + i for i in PART_FIELDS[state.ROWS]]  # the slow part, in ALL order
 # usage_state read back (state.select): the keys, the fields, then the held row (none: -1).
 BLOCK_COLUMNS = (*ALL, *HELD_ROW)
 LAYOUTS = ("columns", "blocks")
@@ -148,8 +176,9 @@ class Method(NamedTuple):
 
 class Book(NamedTuple):
     """Entities as the aggregator hands them to ``state.write`` (``service._blocks_of``):
-    every member of each block, in (scope, id) order."""
+    every member of each block, in (scope, id) order, and the parts to write of their blocks."""
 
+    parts: tuple[int, ...]  # state.NOW, state.ROWS or both
     scopes: Ints
     ids: Ints
     values: npt.NDArray[Any]  # big-endian int64, ``FIELDS`` then ``HELD_ROW`` (held start -1)
@@ -216,15 +245,62 @@ def states(entity: Ints, rng: np.random.Generator, now: int) -> Ints:
     return np.column_stack([np.broadcast_to(values[c], n) for c in ALL]).astype(np.int64)
 
 
-def shaped(layout: str, rows: Ints) -> Ints | Book:
+def shaped(layout: str, rows: Ints) -> Ints | list[Book]:
     """``rows`` (``ALL`` order) as a method of ``layout`` takes them: ``COLUMNS``, or, for the
-    blocks, a ``Book`` (``rows`` must then be every member of each block they touch, in key
-    order: ``after``)."""
+    blocks, one ``Book`` writing both parts (``rows`` must then be every member of each block
+    they touch, in key order: ``after``)."""
     if layout == "columns":
         return np.ascontiguousarray(rows[:, AT_COLUMNS])
+    return [book(state.PARTS, rows)]
+
+
+def book(parts: tuple[int, ...], rows: Ints) -> Book:
+    """``rows`` (``ALL`` order, every member of each block they touch, in key order) as the
+    aggregator gives them to ``state.write`` to write ``parts`` of their blocks."""
     values = np.full((len(rows), state.ALL), -1, dtype=state.DTYPE)
     values[:, : len(FIELDS)] = rows[:, len(KEYS) :]
-    return Book(rows[:, 0].copy(), rows[:, 1].copy(), values)
+    return Book(parts, rows[:, 0].copy(), rows[:, 1].copy(), values)
+
+
+def found_in(stored: Ints, rows: Ints) -> tuple[npt.NDArray[np.bool_], Ints]:
+    """Per row of ``rows``, whether ``stored`` holds its key, and where (if it does)."""
+    if not len(stored):
+        return np.zeros(len(rows), np.bool_), np.zeros(len(rows), np.int64)
+    codes = stored[:, 1] * 4 + stored[:, 0]  # a key as one int (scope 1 or 2)
+    order = np.argsort(codes)
+    wanted = rows[:, 1] * 4 + rows[:, 0]
+    at = np.minimum(np.searchsorted(codes[order], wanted), len(stored) - 1)
+    return codes[order][at] == wanted, order[at]
+
+
+def same_minute(stored: Ints, written: Ints) -> Ints:
+    """``written`` as a steady cycle writes it, within the minute of ``stored`` (``NOW``): the
+    entities ``stored`` holds changed in their fast part only, their slow part (``SLOW``: the
+    minute row's start and start values, the coarser rows' starts) as ``stored`` holds it.
+    (``states`` draws the start values anew on each call; the starts themselves are the same
+    within a minute.)"""
+    found, at = found_in(stored, written)
+    out = written.copy()
+    out[np.ix_(found, SLOW)] = stored[np.ix_(at[found], SLOW)]
+    return out
+
+
+def cycle(stored: Ints, written: Ints, want: Ints) -> list[Book]:
+    """What the aggregator's cycle (``service``) hands ``state.write`` once ``written`` went
+    over ``stored`` (``want``: ``after``): part ``NOW`` of every block that holds an entity
+    written; part ``ROWS`` of every block that holds one whose slow part (``SLOW``) differs
+    from what ``stored`` holds, or that ``stored`` does not hold (a new entity needs both);
+    each block whole, every member of it from ``want`` (``service._blocks_of``)."""
+    blocks = (want[:, 1] >> BLOCK_BITS) * 4 + want[:, 0]
+    written_too, _ = found_in(written, want)
+    found, at = found_in(stored, want)
+    differs = ~found
+    differs[found] = (want[found][:, SLOW] != stored[at[found]][:, SLOW]).any(axis=1)
+    return [
+        book((part,), want[np.isin(blocks, blocks[which])])
+        for part, which in ((state.NOW, written_too), (state.ROWS, differs))
+        if which.any()
+    ]
 
 
 def unpacked(rows: Ints) -> Ints:
@@ -233,21 +309,32 @@ def unpacked(rows: Ints) -> Ints:
     return np.column_stack([rows, np.full((len(rows), len(HELD_ROW)), -1, dtype=np.int64)])
 
 
-def block_rows(rows: Ints) -> list[tuple[int, int, bytes]]:
-    """The ``usage_state`` rows (scope, block, packed) of ``rows`` (``ALL`` order, ordered by
-    key), built here, not by the code measured (``state.encode``): the layout as migration 0014
-    states it, each entity narrow (``len(FIELDS)`` values, no held row)."""
+def block_rows(rows: Ints) -> list[tuple[int, int, int, bytes]]:
+    """The ``usage_state`` rows (scope, part, block, packed) of ``rows`` (``ALL`` order,
+    ordered by key), both parts of every block, built here, not by the code measured
+    (``state.encode``): the layout as migration 0014 states it (per part: the count, the ids,
+    the widths, then each entity's fields of the part, ``PART_FIELDS``), each entity narrow
+    (no held row: the width of its part's fields)."""
     keys = rows[:, :2].tolist()
-    blobs = np.ascontiguousarray(rows[:, len(KEYS) :], dtype=">i8")
+    fields = {
+        part: np.ascontiguousarray(rows[:, [len(KEYS) + i for i in at]], dtype=">i8")
+        for part, at in PART_FIELDS.items()
+    }
     out = []
     for (scope, block), group in itertools.groupby(
         range(len(rows)), key=lambda i: (keys[i][0], keys[i][1] >> BLOCK_BITS)
     ):
         members = list(group)
         ids = [keys[i][1] for i in members]
-        head = struct.pack(f">{1 + 2 * len(ids)}q", len(ids), *ids, *[len(FIELDS)] * len(ids))
-        out.append((scope, block, head + blobs[members].tobytes()))
+        for part, at in PART_FIELDS.items():
+            head = struct.pack(f">{1 + 2 * len(ids)}q", len(ids), *ids, *[len(at)] * len(ids))
+            out.append((scope, part, block, head + fields[part][members].tobytes()))
     return out
+
+
+def blocks_in(scopes: Ints, ids: Ints) -> int:
+    """The blocks the entities (``scopes``, ``ids``) lie in."""
+    return len(np.unique((ids >> BLOCK_BITS) * 4 + scopes))
 
 
 def after(base: Ints, written: Ints) -> Ints:
@@ -321,9 +408,10 @@ def writers(conn: psycopg.Connection[Any], engine: Engine, batch: int) -> dict[s
         with engine.begin() as sa:
             bulk.upsert_array(sa, COLUMNS_TABLE, columns=COLUMNS, keys=KEYS, rows=rows, merge=merge)
 
-    def write_blocks(book: Book) -> None:
+    def write_blocks(books: list[Book]) -> None:
         with engine.begin() as sa:
-            state.write(sa, book.scopes, book.ids, book.values)
+            for b in books:
+                state.write(sa, b.scopes, b.ids, b.values, parts=b.parts)
 
     return {
         "1 baseline: COPY text + merge": Method("columns", copy_text),
@@ -355,9 +443,9 @@ def fill_base(ctl: psycopg.Connection[Any], base: Ints) -> None:
     with ctl.cursor() as cur, cur.copy(f"COPY bench_base_columns ({COLS}) FROM STDIN") as copy:
         for r in base[:, AT_COLUMNS].tolist():
             copy.write_row(r)
-    sql = "COPY bench_base_packed (scope, block, packed) FROM STDIN (FORMAT BINARY)"
+    sql = "COPY bench_base_packed (scope, part, block, packed) FROM STDIN (FORMAT BINARY)"
     with ctl.cursor() as cur, cur.copy(sql) as copy:
-        copy.set_types(["int2", "int8", "bytea"])
+        copy.set_types(["int2", "int2", "int8", "bytea"])
         for r in block_rows(base):
             copy.write_row(r)
 
@@ -447,10 +535,10 @@ def measure(
     entity = np.arange(1, n + 1, dtype=np.int64)
     base = states(entity, rng, NOW)
     initial = after(base, base)  # ordered by key
-    blocks = len(block_rows(initial))
     progress(
         f"[{n} rows] filling {COLUMNS_TABLE} and {PACKED_TABLE} with {n} entities each "
-        f"({blocks} blocks)"
+        f"({blocks_in(initial[:, 0], initial[:, 1])} blocks: "
+        f"{len(block_rows(initial))} {PACKED_TABLE} rows)"
     )
     fill_base(ctl, initial)
     reset(ctl, checkpoint)
@@ -459,7 +547,8 @@ def measure(
             check(ctl, engine, layout, initial)
     except Mismatch as e:
         raise SystemExit(f"upsert_methods: the initial fill is wrong: {e}") from None
-    # Warm-up: staging tables, connections, the VALUES SQL; for the blocks, whole blocks.
+    # Warm-up: staging tables, connections, the VALUES SQL; for the blocks, whole blocks, both
+    # parts.
     whole = initial[state.block_of(initial[:, 1]) < max(1, min(n, batch) >> BLOCK_BITS)]
     for method in methods.values():
         part = base[: min(n, batch)] if method.layout == "columns" else whole
@@ -476,12 +565,16 @@ def measure(
             else:
                 there = np.sort(rng.choice(entity, n - n_new, replace=False))
                 keys = np.concatenate([there, np.arange(n + 1, n + n_new + 1, dtype=np.int64)])
-            written = states(keys, rng, NOW + 5 * (k + 1))
+            # Within the minute of base: the entities there change their fast part only.
+            written = same_minute(base, states(keys, rng, NOW + 5 * (k + 1)))
             want = after(base, written)
-            # The blocks' writer rewrites every block written whole: every entity there.
-            rows = {"columns": shaped("columns", written), "blocks": shaped("blocks", want)}
-            wrote[case] = (
-                f"{len(want)} entities' values in {len(block_rows(want))} {PACKED_TABLE} rows"
+            # The blocks' writer rewrites each block's part whole: every entity there.
+            books = cycle(base, written, want)
+            rows = {"columns": shaped("columns", written), "blocks": books}
+            wrote[case] = "; ".join(
+                f"part {'NOW' if b.parts == (state.NOW,) else 'ROWS'} of "
+                f"{blocks_in(b.scopes, b.ids)} blocks ({len(b.ids)} entities)"
+                for b in books
             )
             progress(
                 f"[{n} rows] {case} {k + 1}/{repeat}: writing {len(written)} rows {len(names)} ways"
@@ -529,7 +622,7 @@ def report(
         for name, t in figures[case].items():
             cells = (f"{t / n * 1e6:.2f} µs", f"x{base / t:.2f}")
             print(row(f"  {name}", ms(t), *cells, widths=widths))
-        print(f"  (5 rewrote every block whole: {wrote[case]}; per row: per the {n} written)")
+        print(f"  (5 wrote, each block's part whole: {wrote[case]}; per row: per the {n} written)")
         name = min(figures[case], key=figures[case].__getitem__)
         fastest[case] = (name, base / figures[case][name])
     names = {name for name, _ in fastest.values()}
@@ -594,8 +687,10 @@ def main() -> None:
                 )
                 print(
                     f"5 into {PACKED_TABLE}: blocks of up to {state.BLOCK} entities of a scope "
-                    f"(scope, block, packed), {len(FIELDS)} int64 ({WIDTH} bytes) an entity "
-                    "(the same entities and values, and the minute row and starts), "
+                    "in two rows (scope, part, block, packed), part NOW "
+                    f"{len(PART_FIELDS[state.NOW])} int64 an entity (the same entities and "
+                    f"values), part ROWS {len(PART_FIELDS[state.ROWS])} (the minute row's start "
+                    "and start values, the starts; written where they change), "
                     f"{fill.get(PACKED_TABLE) or 'default fillfactor'}, packed "
                     f"{'STORAGE EXTERNAL' if external else 'compressible (not EXTERNAL)'}"
                 )
