@@ -627,7 +627,7 @@ def _blocks_of(book: Book, idx: Ints, values: Ints) -> tuple[Ints, Ints, Ints]:
     """The entities of every ``usage_state`` block that holds one of the entities ``idx``
     (scopes, ids, values: ``state.write``), in (scope, id) order."""
     scopes, ids = split(book.codes[: book.size])
-    blocks = state.block_of(ids) * 4 + scopes
+    blocks = codes(scopes, state.block_of(ids))  # (scope, block) in one int64, as entities'
     touched = np.unique(blocks[idx])
     at = np.minimum(np.searchsorted(touched, blocks), max(touched.size - 1, 0))
     members = np.flatnonzero(touched[at] == blocks) if touched.size else idx

@@ -30,13 +30,13 @@ A busy entity's values change every cycle, and Postgres pays per row rewritten (
 entry, a tuple header, a TOAST pointer) and per byte (its WAL): measured on 120 000 entities'
 480 bytes, one row each took 0.8 to 1.3 s to rewrite (COPY into a staging table, then one
 ``UPDATE ... FROM``), 1 875 rows of 64 entities 0.45 to 0.7 s, in proportion to the bytes
-whatever the rows' size (``bench/upsert_methods.py``). So a cycle rewrites the ``NOW`` part
-of the blocks of the entities that changed (168 bytes an entity), and the ``ROWS`` part only
-of the blocks where an entity's slow part changed (at a minute's start, nearly all; in the
-cycles after, the blocks whose held rows move). A block's value is 10 to 30 kB, stored out of
-line and uncompressed (``STORAGE EXTERNAL``: pglz would compress every block on every
-write, 7 to 9 s a cycle). A block is always written whole, from the aggregator's book, which
-holds every entity.
+whatever the rows' size (``docs/benchmarks.md``, the aggregation run of 2026-12-01). So a
+cycle rewrites the ``NOW`` part of the blocks of the entities that changed (168 bytes an
+entity), and the ``ROWS`` part only of the blocks where an entity's slow part changed (at a
+minute's start, nearly all; in the cycles after, the blocks whose held rows move). A
+block's value is 10 to 30 kB, stored out of line and uncompressed (``STORAGE EXTERNAL``:
+pglz would compress every block on every write, 7 to 9 s a cycle). A block is always
+written whole, from the aggregator's book, which holds every entity.
 
 "No such row" is -1 in a start (``minute``, ``hour``, ``day``, ``month``) and in
 ``minute_peak`` (no counted second yet), as in the aggregator's book.
@@ -127,7 +127,7 @@ def encode(
     base = len(_BASE[part])
     held = (values[:, len(FIELDS)] >= 0) if part == ROWS else np.zeros(len(ids), np.bool_)
     fields = values[:, _BASE[part]].astype(DTYPE)
-    held_rows = values[held][:, _HELD_AT].astype(DTYPE)
+    held_rows = values[held, len(FIELDS) :].astype(DTYPE)
     blocks = block_of(ids)
     edges = np.flatnonzero((np.diff(blocks) != 0) | (np.diff(scopes) != 0)) + 1
     first = np.concatenate([[0], edges])
