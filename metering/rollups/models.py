@@ -85,8 +85,8 @@ class UsageState(Base):
     """What the aggregator knows of each app and account: its state, its latest minute row
     and where its latest hour, day and month rows start, packed, 64 entities of a scope to a
     row, in two parts: what changes whenever the entity does, and what changes only when a row
-    begins or a held row comes or goes (``metering.rollups.state``; migrations 0012 and
-    0014)."""
+    begins or a held row comes or goes (``metering.rollups.state``; migrations 0012, 0014
+    and 0015: stored as byte planes, compressed with lz4)."""
 
     __tablename__ = "usage_state"
 

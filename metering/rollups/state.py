@@ -18,7 +18,8 @@ low ``BLOCK_BITS`` bits (their ``block``: ``id >> BLOCK_BITS``) in two rows, one
 their values: ``NOW``, what changes whenever the entity does (its state and its minute row's
 extremes, 21 fields), and ``ROWS``, what changes only when a row begins or a held row comes
 or goes (its minute row's start and start values, its coarser rows' starts, 18 fields, and
-the held row). Each row's ``packed`` is big-endian int64 words:
+the held row). Each row's ``packed`` is big-endian int64 words, stored as their byte planes
+(``planes``: every word's first byte, then every word's second, and so on; migration 0015):
 
 - ``n``, the entities in it (1 to ``BLOCK``);
 - their ids, ascending;
@@ -34,9 +35,12 @@ whatever the rows' size (``docs/benchmarks.md``, the aggregation run of 2026-12-
 cycle rewrites the ``NOW`` part of the blocks of the entities that changed (168 bytes an
 entity), and the ``ROWS`` part only of the blocks where an entity's slow part changed (at a
 minute's start, nearly all; in the cycles after, the blocks whose held rows move). A
-block's value is 10 to 30 kB, stored out of line and uncompressed (``STORAGE EXTERNAL``:
-pglz would compress every block on every write, 7 to 9 s a cycle). A block is always
-written whole, from the aggregator's book, which holds every entity.
+block's value is 10 to 30 kB. Most values are far below 2**63: as byte planes the first
+planes are mostly zeros and the others repeat, and Postgres compresses them with lz4 to
+about 45 % (``COMPRESSION lz4``; pglz, its default, would take 7 to 9 s a cycle), which
+halves what a cycle's writes cost (a part's blocks for 120 000 entities, alone: 219 to 567
+ms as words uncompressed, 83 to 144 ms as lz4 byte planes). A block is always written whole,
+from the aggregator's book, which holds every entity.
 
 "No such row" is -1 in a start (``minute``, ``hour``, ``day``, ``month``) and in
 ``minute_peak`` (no counted second yet), as in the aggregator's book.
@@ -140,14 +144,29 @@ def encode(
     fields_of, held_of = fields.reshape(-1).data, held_rows.reshape(-1).data
     f, h = base, len(HELD_ROW)
     return [
-        (s, part, k, b"".join((counts[i : i + 1], big_ids[a:b], widths[a:b],
-                               fields_of[a * f : b * f], held_of[c * h : d * h])))
+        (s, part, k, planes(b"".join((counts[i : i + 1], big_ids[a:b], widths[a:b],
+                                      fields_of[a * f : b * f], held_of[c * h : d * h]))))
         for i, (a, b, c, d, s, k) in enumerate(zip(
             first.tolist(), last.tolist(), held_before[first].tolist(),
             held_before[last].tolist(), scopes[first].tolist(), blocks[first].tolist(),
             strict=True,
         ))
     ]  # fmt: skip
+
+
+def planes(packed: bytes) -> bytes:
+    """Int64 words as their byte planes: every word's first byte, then every word's second,
+    and so on (how ``usage_state`` stores a block: ``words`` undoes it)."""
+    return b"".join(packed[k::8] for k in range(8))
+
+
+def words(stored: bytes) -> bytes:
+    """The int64 words whose byte planes (``planes``) ``stored`` is."""
+    n = len(stored) // 8
+    out = bytearray(len(stored))
+    for k in range(8):
+        out[k::8] = stored[k * n : (k + 1) * n]
+    return bytes(out)
 
 
 def write(
@@ -200,15 +219,15 @@ def _decode_part(
     rows = sorted(rows, key=lambda r: (r[0], r[2]))
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, f + h), np.int64)
-    words = np.fromiter((len(r[3]) for r in rows), dtype=np.int64, count=len(rows))
-    bad = (words % 8 != 0) | (words < 8)
+    lengths = np.fromiter((len(r[3]) for r in rows), dtype=np.int64, count=len(rows))
+    bad = (lengths % 8 != 0) | (lengths < 8)
     if bad.any():
         raise _malformed(rows, bad)
-    words //= 8
-    starts = np.concatenate([[0], np.cumsum(words)[:-1]])
-    flat = np.frombuffer(b"".join(r[3] for r in rows), dtype=DTYPE).astype(np.int64)
+    lengths //= 8
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    flat = np.frombuffer(b"".join(words(r[3]) for r in rows), dtype=DTYPE).astype(np.int64)
     n = flat[starts]
-    bad = (n <= 0) | (n > BLOCK) | (words < 1 + 2 * n)
+    bad = (n <= 0) | (n > BLOCK) | (lengths < 1 + 2 * n)
     if bad.any():
         raise _malformed(rows, bad)
     of = np.repeat(np.arange(len(rows)), n)  # each entity's row
@@ -221,12 +240,12 @@ def _decode_part(
     wrong = ((widths != f) & ~wide) | (block_of(ids) != blocks[of])
     wrong[1:] |= (of[1:] == of[:-1]) & (ids[1:] <= ids[:-1])  # ascending in its row
     bad = np.bincount(of[wrong], minlength=len(rows)) > 0
-    bad |= words != 1 + (2 + f) * n + h * np.bincount(of[wide], minlength=len(rows))
+    bad |= lengths != 1 + (2 + f) * n + h * np.bincount(of[wide], minlength=len(rows))
     if bad.any():
         raise _malformed(rows, bad)
     # Each word's place in its row: count, ids, widths, fields (3), held rows (4); the fields
     # of all entities are then the words of place 3, in order, and so are the held rows.
-    sizes = np.column_stack([np.ones_like(n), n, n, f * n, words - (1 + (2 + f) * n)])
+    sizes = np.column_stack([np.ones_like(n), n, n, f * n, lengths - (1 + (2 + f) * n)])
     place = np.repeat(np.tile(np.arange(5, dtype=np.int8), len(rows)), sizes.ravel())
     values = np.full((len(of), f + h), -1, dtype=np.int64)
     values[:, :f] = flat[place == 3].reshape(-1, f)

@@ -146,7 +146,8 @@ def test_an_entity_given_twice_is_refused_before_anything_is_written(engine: Eng
 
 
 def _block(*words: int) -> bytes:
-    return struct.pack(f">{len(words)}q", *words)
+    """A usage_state value of these words, as it is stored (byte planes)."""
+    return state.planes(struct.pack(f">{len(words)}q", *words))
 
 
 @pytest.mark.parametrize(
@@ -160,6 +161,7 @@ def _block(*words: int) -> bytes:
         (state.NOW, _block(1, 64, 21, *range(21)), "an id of another block"),
         (state.NOW, _block(2, 3, 1, 21, 21, *range(42)), "ids out of order"),
         (state.NOW, b"\x00" * 8 * len(FIELDS), "one entity's value, as before migration 0014"),
+        (state.NOW, state.words(_block(1, 1, 21, *range(21))), "words, as before migration 0015"),
         (state.NOW, _block(1, 1, 21, *range(21)), "one part of an entity and not the other"),
     ],
 )

@@ -1,6 +1,7 @@
 """How the aggregator stores what it knows: counter marks apply only what a total holds
 beyond them, and the migrations to the packed marks, to the minute row held in the state and
-to the refusal counters, and to the state in blocks carry the data both ways."""
+to the refusal counters, to the state in blocks and to those blocks compressed carry the
+data both ways."""
 
 from __future__ import annotations
 
@@ -552,16 +553,12 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_two_rows_and_gives_each_i
             blocks = conn.execute(
                 text("SELECT scope, block, part, length(packed) FROM usage_state ORDER BY 1, 2, 3")
             ).all()
+            if dialect == "postgresql":  # out of line, never compressed
+                assert _packed_storage(conn) == ("e", "")
+        command.upgrade(cfg, "0015")  # (the code reads the blocks as 0015 stores them)
+        with engine.connect() as conn:
             scopes, ids, values = state.select(conn)
             one = {key: state.packed_of(conn, *key) for key in before}
-            if dialect == "postgresql":  # out of line, never compressed
-                storage = conn.execute(
-                    text(
-                        "SELECT attstorage FROM pg_attribute WHERE attrelid = "
-                        "'usage_state'::regclass AND attname = 'packed'"
-                    )
-                ).scalar()
-                assert storage == "e"
         # Per block, two rows: the 21 fields that change whenever an entity does, then the 18
         # that change when a row begins, with the held rows (21 values each).
         now, slow, held = 21, 18, len(HELD_ROW)
@@ -590,6 +587,80 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_two_rows_and_gives_each_i
                 for r in conn.execute(text("SELECT * FROM usage_state"))
             }
         assert back == before
+        command.upgrade(cfg, "head")
+
+
+def _packed_storage(conn: Connection) -> tuple[str, str]:
+    """usage_state.packed's storage and compression (pg_attribute: '' is the default)."""
+    found = conn.execute(
+        text(
+            "SELECT attstorage, attcompression FROM pg_attribute WHERE attrelid = "
+            "'usage_state'::regclass AND attname = 'packed'"
+        )
+    ).one()
+    return str(found[0]), str(found[1])
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0015_stores_the_blocks_as_byte_planes_compressed_and_back(
+    dialect: str, tmp_path: Path
+) -> None:
+    """A full block (64 apps, half of them holding a minute row) and an account's block of
+    one: at 0015 each block is stored as its words' byte planes, and on Postgres compressed
+    with lz4 to less than half its size; 0014 has the same words back, uncompressed, and the
+    way up again reads as every entity's value was."""
+    rng = np.random.default_rng(15)
+    month = 1775001600  # 2026-04-01 00:00 UTC
+    ids = np.concatenate([np.arange(64, 128), [7]]).astype(np.int64)
+    scopes = np.array([1] * 64 + [2], dtype=np.int64)
+    values = rng.integers(0, 10**9, size=(len(ids), state.ALL)).astype(np.int64)
+    for name in ("since", "minute", "hour", "day", "month"):
+        values[:, state.column(name)] = month + rng.integers(0, 3600, len(ids))
+    values[::2, state.column("held")] = -1
+    with _migrated(dialect, tmp_path, "0014") as (cfg, engine):
+        command.upgrade(cfg, "0015")
+        with engine.begin() as conn:
+            state.write(conn, scopes, ids, values)
+
+        def stored() -> dict[tuple[int, int, int], bytes]:
+            with engine.connect() as conn:
+                found = conn.execute(text("SELECT scope, part, block, packed FROM usage_state"))
+                return {(s, p, b): bytes(v) for s, p, b, v in found}
+
+        planes = stored()
+        assert len(planes) == 4
+        words = {key: state.words(v) for key, v in planes.items()}
+        for key, v in words.items():  # big-endian words, as 0014 read them
+            assert int.from_bytes(v[:8], "big") == (64 if key[0] == 1 else 1)
+            assert state.planes(v) == planes[key]
+        if dialect == "postgresql":
+            with engine.connect() as conn:
+                assert _packed_storage(conn) == ("x", "l")
+                sizes = conn.execute(
+                    text(
+                        "SELECT pg_column_compression(packed), pg_column_size(packed), "
+                        "length(packed) FROM usage_state WHERE scope = 1"
+                    )
+                ).all()
+            assert [c for c, _, _ in sizes] == ["lz4", "lz4"]
+            assert all(size < length / 2 for _, size, length in sizes)
+
+        command.downgrade(cfg, "0014")
+        assert stored() == words
+        if dialect == "postgresql":
+            with engine.connect() as conn:
+                assert _packed_storage(conn) == ("e", "")
+        command.upgrade(cfg, "0015")
+        assert stored() == planes
+        with engine.connect() as conn:
+            got_scopes, got_ids, got = state.select(conn)
+        order = np.lexsort((ids, scopes))
+        assert (got_scopes == scopes[order]).all()
+        assert (got_ids == ids[order]).all()
+        expected = values[order]
+        held = expected[:, state.column("held")] >= 0
+        expected[~held, len(state.FIELDS) :] = -1
+        assert (got == expected).all()
         command.upgrade(cfg, "head")
 
 
