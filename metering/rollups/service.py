@@ -14,6 +14,7 @@ ran one) reloads from Postgres.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import gc
@@ -161,6 +162,7 @@ class Aggregator:
         # Each app's account, sorted by app (an app never changes account: cached).
         self._owner_apps: Ints = np.zeros(0, dtype=np.int64)
         self._owner_accounts: Ints = np.zeros(0, dtype=np.int64)
+        keep_freed_memory()
 
     def run(self) -> CycleResult:
         started = time.perf_counter()
@@ -608,6 +610,32 @@ class Aggregator:
             conn, "usage_marks", columns=columns, keys=columns[:2], rows=rows,
             merge={c: f"excluded.{c}" for c in columns[2:]},
         )  # fmt: skip
+
+
+# glibc's mallopt parameters, and the values set: a block up to 1 GiB comes from the heap,
+# and freed memory at the heap's top goes back to the system only past 2 GiB.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP = ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+def keep_freed_memory() -> None:
+    """Have the C allocator keep the memory a cycle frees for the next cycle, for the rest of
+    the process (glibc; elsewhere nothing changes).
+
+    A cycle at 100 000 apps makes and drops arrays of tens of MB. By default glibc hands each
+    of those to the system when it is freed (``mmap`` above a threshold, and the heap's top
+    trimmed), and the next cycle's arrays fault their pages in again, each zeroed by the
+    kernel: on this kind of machine that ran at 250 to 350 MB/s, so that gathering 120 000
+    entities' values (``_values``, 58 MB) took 100 to 145 ms instead of 17 to 21, and a
+    new month's cycle 3.3 s instead of 2.5 (line-profiled, 2026-12-01). Kept, the process's
+    resident memory stays at its largest cycle's, which every cycle needs again anyway."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc's C library
+        return
+    for param, value in _KEEP:
+        if mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
+            log.info("rollups.mallopt_refused", param=param, value=value)
 
 
 def _values(book: Book) -> Ints:
