@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -269,6 +270,13 @@ class Book:
     ``unsynced[u, i]``: the start of the earliest minute in which it changed since it was
     written (-1: it has not). The aggregator writes it when that minute's row is no longer in
     the state row, or when it closes (``Folder.closed``).
+
+    A row that closed is read the same way: ``deferred[u, i]`` is an hour, day or month row of
+    the entity that closed having changed since written only in the minute of its held row
+    (or begun with it), which the aggregator writes to ``usage_rollups`` with the held row,
+    not when it closes (``R_START`` -1: none); ``deferred_stored[u, i]``: a copy of it is in
+    ``usage_rollups`` already (merged, not inserted). Until then it is that copy widened by
+    the held row, or the held row, as readers and a restarted aggregator derive it.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -280,6 +288,9 @@ class Book:
         self.rows[:, :, R_PEAK] = -1
         self.held: Ints = np.zeros((capacity, R_WIDTH), dtype=np.int64)
         self.held[:, R_START] = -1
+        self.deferred: Ints = np.zeros((len(UNITS), capacity, R_WIDTH), dtype=np.int64)
+        self.deferred[:, :, R_START] = -1
+        self.deferred_stored: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
         self.dirty_state: Mask = np.zeros(capacity, dtype=np.bool_)
         self.dirty_starts: Mask = np.zeros(capacity, dtype=np.bool_)
         self.stored: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
@@ -335,6 +346,10 @@ class Book:
         more[:, :, R_PEAK] = -1
         self.rows = np.concatenate([self.rows, more], axis=1)
         self.held = np.concatenate([self.held, more[0]])
+        self.deferred = np.concatenate([self.deferred, more], axis=1)
+        self.deferred_stored = np.concatenate(
+            [self.deferred_stored, np.zeros((len(UNITS), extra), dtype=np.bool_)], axis=1
+        )
         self.dirty_state = np.concatenate([self.dirty_state, np.zeros(extra, dtype=np.bool_)])
         self.dirty_starts = np.concatenate([self.dirty_starts, np.zeros(extra, dtype=np.bool_)])
         self.stored = np.concatenate(
@@ -343,6 +358,19 @@ class Book:
         self.unsynced = np.concatenate(
             [self.unsynced, np.full((len(UNITS), extra), -1, dtype=np.int64)], axis=1
         )
+
+
+class Closed(NamedTuple):
+    """Rows of unit index ``unit`` that a cycle closed, as they were then: the entities'
+    ``codes`` and ``rows``; ``since``, the start of the earliest minute in which each changed
+    since written (``Book.unsynced``; a minute row's own start), and ``stored``, whether
+    ``usage_rollups`` has a copy of it (``Book.stored``; never for a minute row)."""
+
+    unit: int
+    codes: Ints
+    rows: Ints
+    since: Ints
+    stored: Mask
 
 
 class Folder:
@@ -358,7 +386,7 @@ class Folder:
         self.coverage = coverage
         book.dirty_state[:] = False
         book.dirty_starts[:] = False
-        self.closed: list[tuple[int, Ints, Ints]] = []  # (unit index, codes, rows)
+        self.closed: list[Closed] = []
         self._starts_second = -1
         self._starts: tuple[int, ...] = ()
 
@@ -436,9 +464,14 @@ class Folder:
             # The rows this closes: all minute rows (they were only ever in the state) and
             # the other units' rows that changed since written (the others are in Postgres as
             # they are).
-            done = ir[rows[ir, R_START] >= 0] if u == 0 else ir[book.unsynced[u, ir] >= 0]
+            if u == 0:
+                done = ir[rows[ir, R_START] >= 0]
+                since, stored = rows[done, R_START], np.zeros(done.size, dtype=np.bool_)
+            else:
+                done = ir[book.unsynced[u, ir] >= 0]
+                since, stored = book.unsynced[u, done], book.stored[u, done]
             if done.size:
-                self.closed.append((u, book.codes[done].copy(), rows[done].copy()))
+                self.closed.append(Closed(u, book.codes[done], rows[done], since, stored))
             n = cov.covered_since(s[ir, S_SINCE], start)
             new = np.zeros((len(ir), R_WIDTH), dtype=np.int64)
             new[:, R_START] = start

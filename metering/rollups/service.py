@@ -48,11 +48,14 @@ from metering.rollups.fold import (
     S_COUNTERS,
     UNITS,
     Book,
+    Closed,
     Coverage,
     Folder,
     Ints,
+    Mask,
     codes,
     derived_rows,
+    period_starts,
     split,
     sum_by,
 )
@@ -455,32 +458,27 @@ class Aggregator:
         # The latest hour, day and month rows: where the entities' starts say they are in
         # usage_rollups, with what the minute rows in the state rows add (``Book``).
         every = np.arange(book.size)
+        holding = every[book.held[: book.size, R_START] >= 0]
         for u in range(1, len(UNITS)):
             at = every[book.rows[u, : book.size, R_START] >= 0]
             starts = book.rows[u, at, R_START]
-            wanted = np.column_stack([*split(book.codes[at]), starts])
-            rows = bulk.select_matching(
-                conn, "usage_rollups", columns=ROW_COLUMNS, keys=("scope", "entity_id",
-                "period_start"), wanted=wanted, where=f"r.unit = {u + 1}",
-            )  # fmt: skip
-            stored = np.full((len(at), R_WIDTH), -1, dtype=np.int64)
-            found = np.zeros(len(at), dtype=np.bool_)
-            pos = np.searchsorted(at, book.find(codes(rows[:, 0], rows[:, 1])))
-            stored[pos], found[pos] = rows[:, 3:], True
-            held, minute = book.held[at], book.rows[0, at]
-            now, exists = derived_rows(UNITS[u], starts, stored, found, held, minute)
-            if not exists.all():
-                raise ValueError(
-                    f"{int((~exists).sum())} latest {UNITS[u].value} rows are neither in "
-                    "usage_rollups nor begun with a minute row in their state row"
-                )
+            now, stored, found = _derived(conn, book, u, at, starts, "latest")
             book.rows[u, at] = now
             book.stored[u, at] = found
             # Changed since written (or never written): as of the oldest minute row in the
             # state row (written when it leaves, as by the cycle that changed it).
-            oldest = _oldest_minute(held[:, R_START], minute[:, R_START])
+            oldest = _oldest_minute(book.held[at, R_START], book.rows[0, at, R_START])
             unsynced = ~found | (now[:, R_EXTREMES] != stored[:, R_EXTREMES]).any(axis=1)
             book.unsynced[u, at] = np.where(unsynced, oldest, -1)
+            # The rows that closed changed only in the minute of the held row (``Book``):
+            # those its period lies in, where they differ from their copy (or have none).
+            starts = period_starts(UNITS[u], book.held[holding, R_START])
+            closed = starts != book.rows[u, holding, R_START]
+            at, starts = holding[closed], starts[closed]
+            now, stored, found = _derived(conn, book, u, at, starts, "closed")
+            deferred = ~found | (now[:, R_EXTREMES] != stored[:, R_EXTREMES]).any(axis=1)
+            book.deferred[u, at[deferred]] = now[deferred]
+            book.deferred_stored[u, at[deferred]] = found[deferred]
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
         marks: dict[tuple[str, str], Marks] = {}
@@ -509,7 +507,9 @@ class Aggregator:
         ``before`` through ``now``); a closed row older than its unit's retention
         horizon is dropped, not written back."""
         book = folder.book
-        moved = self._minute_rows(folder, before, now)  # (which changes states: first)
+        moved, leaving = self._minute_rows(folder, before, now)  # (which changes states: first)
+        released, released_stored = _released(book, leaving)  # (then what left with them)
+        closing = _closing(book, folder.closed)
         unwritten, written = _coarse_rows(book)  # (as the minute rows left the state rows)
         idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
         begun = book.dirty_starts[idx]
@@ -517,8 +517,8 @@ class Aggregator:
         # Minute rows were only ever in the state, and coarser rows never written were only
         # ever there and in memory: new to usage_rollups (inserted). The others may be there
         # already (merged).
-        inserted = _row_matrix([*moved, *unwritten], horizons)
-        merged = _row_matrix([*written, *((u, c, r) for u, c, r in folder.closed if u)], horizons)
+        inserted = _row_matrix([*moved, *released, *unwritten], horizons)
+        merged = _row_matrix([*written, *released_stored, *closing], horizons)
         # Every changed entity's fast-changing part (``state.NOW``); the slow part
         # (``state.ROWS``) of those whose slow part differs from what usage_state holds.
         # An entity in no row yet gets both (a block's two rows hold the same entities).
@@ -539,8 +539,9 @@ class Aggregator:
 
     def _minute_rows(
         self, folder: Folder, before: int | None, now: int | None
-    ) -> list[tuple[int, Ints, Ints]]:
-        """The minute rows to write to usage_rollups now (as ``_row_matrix`` parts).
+    ) -> tuple[list[tuple[int, Ints, Ints]], Ints]:
+        """The minute rows to write to usage_rollups now (as ``_row_matrix`` parts), and the
+        entities whose held row leaves their state row.
 
         Each entity's latest minute row that closed this cycle is held in its state row
         (``Book.held``), so that a minute's first cycle, which closes every busy entity's
@@ -554,8 +555,9 @@ class Aggregator:
         transaction: a closed row is in usage_rollups or in its state row, never in both."""
         book = folder.book
         out: list[tuple[int, Ints, Ints]] = []
+        leaving = [np.zeros(0, dtype=np.int64)]
         held = book.held[: book.size, R_START] >= 0
-        closed = [(c, r) for u, c, r in folder.closed if u == 0]
+        closed = [(c.codes, c.rows) for c in folder.closed if c.unit == 0]
         if closed:
             code = np.concatenate([c for c, _ in closed])
             rows = np.concatenate([r for _, r in closed])
@@ -569,10 +571,11 @@ class Aggregator:
             latest = idx[last]
             had = latest[held[latest]]
             out.append((0, book.codes[had], book.held[had]))  # (indexing copies)
+            leaving.append(had)
             book.held[latest] = rows[last]
             book.dirty_state[latest] = True
         if self.held_within is None or now is None:
-            return out
+            return out, np.concatenate(leaving)
         due_at = book.held[: book.size, R_START] + 60 + self.held_within
         movable = held  # held before this cycle, and any closed this cycle already due
         if closed:
@@ -588,9 +591,10 @@ class Aggregator:
             scopes, ids = split(book.codes[candidates])
             candidates = candidates[np.lexsort((ids, scopes, due_at[candidates]))[:budget]]
         out.append((0, book.codes[candidates], book.held[candidates]))
+        leaving.append(candidates)
         book.held[candidates, R_START] = -1
         book.dirty_state[candidates] = True
-        return out
+        return out, np.unique(np.concatenate(leaving))
 
     def _write_marks(
         self, conn: Connection, loaded: _Loaded, dirty: set[tuple[str, str]], second: int
@@ -661,6 +665,76 @@ def _blocks_of(book: Book, idx: Ints, values: Ints) -> tuple[Ints, Ints, Ints]:
     members = np.flatnonzero(touched[at] == blocks) if touched.size else idx
     members = members[np.lexsort((ids[members], scopes[members]))]  # as encode orders them
     return scopes[members], ids[members], values[members]
+
+
+def _derived(  # noqa: PLR0917 (internal)
+    conn: Connection, book: Book, u: int, at: Ints, starts: Ints, which: str
+) -> tuple[Ints, Ints, Mask]:
+    """The rows of unit index ``u`` of the entities ``at`` (indices, ascending) in the
+    periods beginning at ``starts``, as they are now (``fold.derived_rows``), their copies in
+    usage_rollups, and which have one; an error if one is in neither place."""
+    wanted = np.column_stack([*split(book.codes[at]), starts])
+    rows = bulk.select_matching(
+        conn, "usage_rollups", columns=ROW_COLUMNS, keys=("scope", "entity_id",
+        "period_start"), wanted=wanted, where=f"r.unit = {u + 1}",
+    )  # fmt: skip
+    stored = np.full((len(at), R_WIDTH), -1, dtype=np.int64)
+    found = np.zeros(len(at), dtype=np.bool_)
+    pos = np.searchsorted(at, book.find(codes(rows[:, 0], rows[:, 1])))
+    stored[pos], found[pos] = rows[:, 3:], True
+    now, exists = derived_rows(UNITS[u], starts, stored, found, book.held[at], book.rows[0, at])
+    if not exists.all():
+        raise ValueError(
+            f"{int((~exists).sum())} {which} {UNITS[u].value} rows are neither in "
+            "usage_rollups nor begun with a minute row in their state row"
+        )
+    return now, stored, found
+
+
+Parts = list[tuple[int, Ints, Ints]]  # ``_row_matrix``'s: (unit index, codes, book rows)
+
+
+def _released(book: Book, leaving: Ints) -> tuple[Parts, Parts]:
+    """The deferred hour, day and month rows (``Book.deferred``) of the entities whose held
+    row leaves their state row this cycle: to write with it, those never written (inserted)
+    and those written before (merged)."""
+    new: Parts = []
+    merged: Parts = []
+    for u in range(1, len(UNITS)):
+        idx = leaving[book.deferred[u, leaving, R_START] >= 0]
+        there = book.deferred_stored[u, idx]
+        for out, which in ((new, idx[~there]), (merged, idx[there])):
+            out.append((u, book.codes[which], book.deferred[u, which]))
+        book.deferred[u, idx, R_START] = -1
+    return new, merged
+
+
+def _closing(book: Book, closed: list[Closed]) -> Parts:
+    """The hour, day and month rows the cycle closed that are written now (merged), after the
+    minute rows moved; the others are deferred (``Book.deferred``) until the entity's held
+    row leaves its state row.
+
+    A row is deferred when the entity now holds the minute row in which it changed since
+    written (its ``since``), and its copy is in usage_rollups or it began with that minute:
+    then it is the copy widened by the held row, or the held row, as readers and a restarted
+    aggregator find it. At an hour's, day's and month's start, every busy entity's rows
+    close at once, and are written over the next cycles with the held rows, not all in one."""
+    out: Parts = []
+    for c in closed:
+        if c.unit == 0:
+            continue
+        idx = book.find(c.codes)
+        held = book.held[idx, R_START]
+        defer = (c.since == held) & (c.stored | (c.rows[:, R_START] == held))
+        out.append((c.unit, c.codes[~defer], c.rows[~defer]))
+        at, rows, stored = idx[defer], c.rows[defer], c.stored[defer]
+        # (One held row per entity: a row deferred before left with the held row it came
+        # with; should one still be here, it is written now, never lost.)
+        pending = at[book.deferred[c.unit, at, R_START] >= 0]
+        out.append((c.unit, book.codes[pending], book.deferred[c.unit, pending]))
+        book.deferred[c.unit, at] = rows
+        book.deferred_stored[c.unit, at] = stored
+    return out
 
 
 def _coarse_rows(

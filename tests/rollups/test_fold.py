@@ -49,8 +49,9 @@ def test_a_cycle_across_a_minute_end_writes_the_closed_minute_whole() -> None:
     for second, conns in series.items():
         fold_value(folder, second, conns)
 
-    [(unit, code, closed)] = folder.closed
+    [(unit, code, closed, since, stored)] = folder.closed
     assert (unit, code.tolist()) == (MINUTE, ONE.tolist())
+    assert (since.tolist(), stored.tolist()) == ([T - 60], [False])  # (a minute row's own)
     old = closed[0]
     assert old[R_START] == T - 60
     assert (old[R_PEAK], old[R_PEAK_AT], old[R_MIN]) == (9, T - 3, 2)
@@ -85,7 +86,7 @@ def test_a_minute_opened_by_messages_alone_carries_the_connections_held() -> Non
 
     # The minute before moves to usage_rollups now (it was only ever in the state row); the
     # hour goes on.
-    [(unit, _code, closed)] = second.closed
+    [(unit, _code, closed, _since, _stored)] = second.closed
     assert (unit, closed[0][R_START], closed[0][R_PEAK]) == (MINUTE, T - 60, 4)
     row = book.rows[MINUTE, 0]
     assert row[R_START] == T

@@ -664,6 +664,60 @@ def test_migration_0015_stores_the_blocks_as_byte_planes_compressed_and_back(
         command.upgrade(cfg, "head")
 
 
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0016_writes_the_closed_rows_the_held_rows_complete_on_the_way_down(
+    dialect: str, tmp_path: Path
+) -> None:
+    """App 5 holds the last minute of a closed hour, whose copy in usage_rollups lacks that
+    minute's peak; account 6 holds the first minute of a closed hour that began with it and is
+    nowhere else. The code before writes a closed row only when it closes: the downgrade
+    widens the first and inserts the second, and leaves the latest rows (the day and month the
+    held minutes lie in, read with them by the code before) alone."""
+    month = 1775001600  # 2026-04-01 00:00 UTC
+    figures = [c.removeprefix("held_") for c in HELD_ROW[1:]]
+    values = np.full((2, state.ALL), 0, dtype=np.int64)
+    for i, (held, hour) in enumerate(((month + 3540, month + 3600), (month + 3600, month + 7200))):
+        row = values[i]
+        row[state.column("minute")], row[state.column("minute_peak")] = hour, 1
+        row[state.column("hour")], row[state.column("day")] = hour, month
+        row[state.column("month")], row[state.column("held")] = month, held
+        for name, v in {"peak": 50, "peak_at": held + 7, "min": 3, "ws_peak": 40,
+                        "ch_peak": 9, "ch_min": 2, "conns0": 11, "pub_n0": 70}.items():  # fmt: skip
+            row[state.column(f"held_{name}")] = v
+    copy = {"scope": 1, "entity_id": 5, "unit": 2, "period_start": month,
+            **dict.fromkeys(figures, 0), "peak": 10, "peak_at": month + 5, "min": 1,
+            "ws_peak": 10, "ch_peak": 20, "ch_min": 1}  # fmt: skip
+    columns = list(copy)
+    with _migrated(dialect, tmp_path, "head") as (cfg, engine):
+        with engine.begin() as conn:
+            state.write(conn, ints(1, 2), ints(5, 6), values)
+            conn.execute(
+                text(
+                    f"INSERT INTO usage_rollups ({', '.join(columns)}) "
+                    f"VALUES ({', '.join(':' + c for c in columns)})"
+                ),
+                copy,
+            )
+        command.downgrade(cfg, "0015")
+        with engine.connect() as conn:
+            found = conn.execute(
+                text(
+                    f"SELECT scope, entity_id, unit, period_start, {', '.join(figures)} "
+                    "FROM usage_rollups ORDER BY scope, unit"
+                )
+            ).all()
+        widened = {**copy, "peak": 50, "peak_at": month + 3540 + 7, "ws_peak": 40, "ch_peak": 20}
+        inserted = {
+            "scope": 2, "entity_id": 6, "unit": 2, "period_start": month + 3600,
+            **{f: int(values[1, state.column(f"held_{f}")]) for f in figures},
+        }  # fmt: skip
+        assert [r._asdict() for r in found] == [
+            {c: widened[c] for c in ("scope", "entity_id", "unit", "period_start", *figures)},
+            inserted,
+        ]
+        command.upgrade(cfg, "head")
+
+
 def test_a_cycle_rewrites_the_slow_part_of_a_block_only_when_a_row_began_in_it(env: Env) -> None:
     """Mid-minute, a busy entity's state and extremes change and nothing else: a cycle
     rewrites its blocks' ``NOW`` rows, not their ``ROWS`` rows (Postgres gives a rewritten row
