@@ -17,7 +17,9 @@ level):
   minute row closes and is held in its state row, and a new one begins there); once per minute
   boundary, up to --repeat of them, from 3 minutes before a month's end;
 - new month: every app moved across the month's first second, where every unit's rows begin
-  (minute, hour, day and month: the worst boundary; an hour's or a day's is a part of it);
+  (minute, hour, day and month: the worst boundary; an hour's or a day's is a part of it),
+  after a new peak for every app in the month's last minute (its hour, day and month rows
+  close with a change not written yet);
 - the 180 s after it (max): every app moved in every cycle of the 180 seconds after the new
   month's, which move to usage_rollups what it held (the first minute's rows with the hour,
   day and month rows that began with them, then the next minutes' with those rows again, as
@@ -116,6 +118,9 @@ AFTER_MONTH = 180
 # one frontend: the hour, day and month so far have seen wider extremes than the walk of the
 # measured seconds reaches, as they have in a world that did not start a minute ago.
 SWING = 30
+# Seconds before the month's end at which every app reaches a new peak for its hour, day and
+# month (``new_month_cycle``).
+LAST_PEAK = 30
 TIMEOUT = 3600.0  # liveness: no frontend is reaped during the run
 MERGE = (
     "peak_at = CASE WHEN excluded.peak > t.peak THEN excluded.peak_at ELSE t.peak_at END, "
@@ -494,12 +499,28 @@ def new_minute_cycles(
 def new_month_cycle(
     w: World, agg: Aggregator, clock: Clock, stages: dict[str, dict[str, float]] | None
 ) -> tuple[CycleResult, str]:
-    """The cycle across MONTH_START, every app changed (the seconds before it ticked with
-    nothing changed, aggregated unmeasured); with ``stages``, timed per stage."""
-    idle = MONTH_START - 3 - clock.now
-    progress(f"[{w.apps} apps] {idle} seconds with nothing changed, aggregated unmeasured")
-    while clock.now < MONTH_START - 3:
-        w.cycle(agg, clock.seconds(min(MONTH_START - 3 - clock.now, CYCLE)), 0.0)
+    """The cycle across MONTH_START, every app changed; with ``stages``, timed per stage.
+
+    Before it, aggregated unmeasured: seconds with nothing changed, then, in the month's last
+    minute, every app up by 2 * SWING at once (a new peak for its hour, day and month, whose
+    rows then close with a change of their last minute: the worst case), then nothing again.
+    (Without that second, the crossing cycle would also close every app's minute row of two
+    minutes before, left open while nothing changed, and move it at once: 120 000 rows more
+    that a world busy until the month's end does not have.)"""
+
+    def idle_until(second: int) -> None:
+        while clock.now < second:
+            w.cycle(agg, clock.seconds(min(second - clock.now, CYCLE)), 0.0)
+
+    progress(
+        f"[{w.apps} apps] {MONTH_START - 3 - clock.now} seconds to the month's end, unmeasured: "
+        f"nothing changed, but every app +{2 * SWING} at {LAST_PEAK} s before it"
+    )
+    idle_until(MONTH_START - LAST_PEAK)
+    [peak] = clock.seconds(1)
+    w.swing(peak, 2 * SWING)
+    assert agg.run().committed
+    idle_until(MONTH_START - 3)
     crossing = clock.seconds()
     assert crossing[0] < MONTH_START <= crossing[-1], crossing
     staged = ""
