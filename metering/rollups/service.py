@@ -71,6 +71,8 @@ from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
+Parts = list[tuple[int, Ints, Ints]]  # ``_row_matrix``'s: (unit index, codes, book rows)
+
 ROW_COLUMNS = (
     "scope", "entity_id", "unit", "period_start", "conns0", "ws0", "channels0", "area0",
     "ch_area0", *(f"{c}0" for c in COUNTERS),
@@ -539,7 +541,7 @@ class Aggregator:
 
     def _minute_rows(
         self, folder: Folder, before: int | None, now: int | None
-    ) -> tuple[list[tuple[int, Ints, Ints]], Ints]:
+    ) -> tuple[Parts, Ints]:
         """The minute rows to write to usage_rollups now (as ``_row_matrix`` parts), and the
         entities whose held row leaves their state row.
 
@@ -554,7 +556,7 @@ class Aggregator:
         The entities whose held row moves are written back without it, in the same
         transaction: a closed row is in usage_rollups or in its state row, never in both."""
         book = folder.book
-        out: list[tuple[int, Ints, Ints]] = []
+        out: Parts = []
         leaving = [np.zeros(0, dtype=np.int64)]
         held = book.held[: book.size, R_START] >= 0
         closed = [(c.codes, c.rows) for c in folder.closed if c.unit == 0]
@@ -691,9 +693,6 @@ def _derived(  # noqa: PLR0917 (internal)
     return now, stored, found
 
 
-Parts = list[tuple[int, Ints, Ints]]  # ``_row_matrix``'s: (unit index, codes, book rows)
-
-
 def _released(book: Book, leaving: Ints) -> tuple[Parts, Parts]:
     """The deferred hour, day and month rows (``Book.deferred``) of the entities whose held
     row leaves their state row this cycle: to write with it, those never written (inserted)
@@ -739,7 +738,7 @@ def _closing(book: Book, closed: list[Closed]) -> Parts:
 
 def _coarse_rows(
     book: Book,
-) -> tuple[list[tuple[int, Ints, Ints]], list[tuple[int, Ints, Ints]]]:
+) -> tuple[Parts, Parts]:
     """The latest hour, day and month rows to write to usage_rollups now (``_row_matrix``
     parts: those never written, then those written before), after the minute rows moved
     (``Book``): those changed in a minute whose row is no longer in the state row, and those
@@ -749,8 +748,8 @@ def _coarse_rows(
     size = book.size
     held, minute = book.held[:size, R_START], book.rows[0, :size, R_START]
     oldest = _oldest_minute(held, minute)
-    unwritten: list[tuple[int, Ints, Ints]] = []
-    written: list[tuple[int, Ints, Ints]] = []
+    unwritten: Parts = []
+    written: Parts = []
     for u in range(1, len(UNITS)):
         unsynced, start = book.unsynced[u, :size], book.rows[u, :size, R_START]
         stored = book.stored[u, :size]
@@ -771,7 +770,7 @@ def _oldest_minute(held: Ints, minute: Ints) -> Ints:
     return np.where(held >= 0, held, np.where(minute >= 0, minute, none))
 
 
-def _row_matrix(parts: list[tuple[int, Ints, Ints]], horizons: Mapping[int, int]) -> Ints:
+def _row_matrix(parts: Parts, horizons: Mapping[int, int]) -> Ints:
     """Rows of ``usage_rollups`` (``ROW_COLUMNS``) from (unit index, codes, book rows) parts,
     without those older than their unit's retention horizon (dropped, not written back)."""
     blocks = [
