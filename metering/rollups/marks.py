@@ -5,8 +5,12 @@ aggregator applies only what a total holds beyond its mark, and moves the mark i
 transaction as the rollups, so a total is applied once however often it is read.
 
 Column-wise: an incarnation's marks are its app ids, sorted, and a matrix of their totals in
-``FRONTEND_COUNTERS`` order. Stored in ``usage_marks.packed`` as little-endian int64, nine
-per app (the id, then the eight totals; migration 0007 repacked the seven of before).
+``FRONTEND_COUNTERS`` order. Stored in ``usage_marks.packed`` as nine little-endian int64
+columns (the ids, then each total: migration 0007 made them nine), as their byte planes
+(every value's first byte, then every value's second, ...: migration 0017), which Postgres
+compresses with lz4: the ids ascend and most totals are far below 2**63, so most planes are
+runs of zeros or repeats. At 15 000 apps an incarnation's marks are 1.08 MB as words and
+about 0.2 MB compressed.
 """
 
 from __future__ import annotations
@@ -52,9 +56,26 @@ class Marks:
         self.totals = np.concatenate([self.totals, np.zeros((len(new), WIDTH), np.int64)])[order]
 
     def pack(self) -> bytes:
-        return np.column_stack([self.apps, self.totals]).astype(_PACKED).tobytes()
+        columns = np.vstack([self.apps, self.totals.T]).astype(_PACKED)  # (columns, apps)
+        return np.ascontiguousarray(columns.reshape(-1).view(np.uint8).reshape(-1, 8).T).tobytes()
 
     @classmethod
     def unpack(cls, data: bytes) -> Marks:
-        table = np.frombuffer(data, dtype=_PACKED).astype(np.int64).reshape(-1, WIDTH + 1)
-        return cls(table[:, 0].copy(), table[:, 1:].copy())
+        """The marks ``pack`` stored; an error for bytes that are not (marks of another
+        version: the ids must ascend and the totals be counts), never misread."""
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if len(raw) % (8 * (WIDTH + 1)):
+            raise _malformed(f"{len(raw)} bytes are not {WIDTH + 1} columns of int64")
+        values = np.ascontiguousarray(raw.reshape(8, -1).T).view(_PACKED).reshape(WIDTH + 1, -1)
+        apps = values[0].astype(np.int64)
+        totals = np.ascontiguousarray(values[1:].T, dtype=np.int64)
+        if (np.diff(apps) <= 0).any() or (totals < 0).any():
+            raise _malformed("the app ids do not ascend, or a total is negative")
+        return cls(apps, totals)
+
+
+def _malformed(why: str) -> ValueError:
+    return ValueError(
+        f"usage_marks holds a value that is not counter marks ({why}): the database and the "
+        "code are at different migrations (run `metering db upgrade`)"
+    )

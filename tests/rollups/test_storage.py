@@ -1,7 +1,7 @@
 """How the aggregator stores what it knows: counter marks apply only what a total holds
 beyond them, and the migrations to the packed marks, to the minute row held in the state and
-to the refusal counters, to the state in blocks and to those blocks compressed carry the
-data both ways."""
+to the refusal counters, to the state in blocks and to those blocks and the marks compressed
+carry the data both ways."""
 
 from __future__ import annotations
 
@@ -247,9 +247,9 @@ def test_migration_0007_adds_the_refusal_counters_at_zero_and_repacks_the_marks_
             ).all()
             assert [tuple(r) for r in stored] == [(50, 61, 0, 0)] * len(rows)
             packed = conn.execute(text("SELECT packed FROM usage_marks")).scalar_one()
-            marks = Marks.unpack(packed)
-            assert marks.apps.tolist() == [3, 12]
-            assert marks.totals.tolist() == [[*r[1:], 0, 0] for r in old.tolist()]
+            marks = np.frombuffer(packed, dtype="<i8").reshape(-1, 9)  # as 0007 packs them
+            assert marks[:, 0].tolist() == [3, 12]
+            assert marks[:, 1:].tolist() == [[*r[1:], 0, 0] for r in old.tolist()]
             # Declared exactly as the counters beside them, on every partition.
             declared = _columns(conn, "usage_state")
             for c in ("ch_refused", "msg_refused"):
@@ -266,7 +266,7 @@ def test_migration_0007_adds_the_refusal_counters_at_zero_and_repacks_the_marks_
         with engine.begin() as conn:
             conn.execute(
                 text("UPDATE usage_marks SET packed = :p"),
-                {"p": Marks(marks.apps, marks.totals + since).pack()},
+                {"p": np.column_stack([marks[:, 0], marks[:, 1:] + since]).tobytes()},
             )
 
         command.downgrade(cfg, "0006")
@@ -590,12 +590,12 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_two_rows_and_gives_each_i
         command.upgrade(cfg, "head")
 
 
-def _packed_storage(conn: Connection) -> tuple[str, str]:
-    """usage_state.packed's storage and compression (pg_attribute: '' is the default)."""
+def _packed_storage(conn: Connection, table: str = "usage_state") -> tuple[str, str]:
+    """``table``.packed's storage and compression (pg_attribute: '' is the default)."""
     found = conn.execute(
         text(
             "SELECT attstorage, attcompression FROM pg_attribute WHERE attrelid = "
-            "'usage_state'::regclass AND attname = 'packed'"
+            f"'{table}'::regclass AND attname = 'packed'"
         )
     ).one()
     return str(found[0]), str(found[1])
@@ -759,3 +759,64 @@ def test_a_cycle_rewrites_the_slow_part_of_a_block_only_when_a_row_began_in_it(e
     assert minute.tolist() == [start - 10 + 60] * 2  # both hold the new minute's row
     assert (values[:, state.column("held")] == start - 10).all()  # and the one that closed
     client.close()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0017_stores_the_marks_as_column_planes_compressed_and_back(
+    dialect: str, tmp_path: Path
+) -> None:
+    """Two incarnations' marks as 0016 packs them (per app its id and eight totals): at 0017
+    the code reads every total back, Postgres stores them compressed with lz4 to less than
+    half their size (random totals of up to 10**7), 0016 has the same bytes back, and marks
+    as 0016 packs them are an error for the code of 0017, never misread."""
+    rng = np.random.default_rng(17)
+    before: dict[str, bytes] = {}
+    expected: dict[str, tuple[list[int], list[list[int]]]] = {}
+    for inc, n in (("fe-1#a", 3000), ("fe-2#b", 1)):
+        apps = np.sort(rng.choice(np.arange(1, 100_000), n, replace=False)).astype(np.int64)
+        totals = rng.integers(0, 10**7, size=(n, 8)).astype(np.int64)
+        before[inc] = np.column_stack([apps, totals]).astype("<i8").tobytes()
+        expected[inc] = (apps.tolist(), totals.tolist())
+
+    def stored(engine: Engine) -> dict[str, bytes]:
+        with engine.connect() as conn:
+            found = conn.execute(text("SELECT incarnation, packed FROM usage_marks"))
+            return {inc: bytes(p) for inc, p in found}
+
+    with _migrated(dialect, tmp_path, "0016") as (cfg, engine):
+        with engine.begin() as conn:
+            for inc, packed in before.items():
+                conn.execute(
+                    text(
+                        "INSERT INTO usage_marks (datacenter, incarnation, packed, retired, "
+                        "updated) VALUES ('dc1', :inc, :p, false, 0)"
+                    ),
+                    {"inc": inc, "p": packed},
+                )
+        command.upgrade(cfg, "0017")
+        after = stored(engine)
+        for inc, packed in after.items():
+            marks = Marks.unpack(packed)
+            assert (marks.apps.tolist(), marks.totals.tolist()) == expected[inc]
+            assert Marks(marks.apps, marks.totals).pack() == packed
+        if dialect == "postgresql":
+            with engine.connect() as conn:
+                assert _packed_storage(conn, "usage_marks") == ("x", "l")
+                compression, size, length = conn.execute(
+                    text(
+                        "SELECT pg_column_compression(packed), pg_column_size(packed), "
+                        "length(packed) FROM usage_marks WHERE incarnation = 'fe-1#a'"
+                    )
+                ).one()
+            assert compression == "lz4"
+            assert size < length / 2
+
+        command.downgrade(cfg, "0016")
+        assert stored(engine) == before
+        if dialect == "postgresql":
+            with engine.connect() as conn:
+                assert _packed_storage(conn, "usage_marks") == ("e", "")
+        with pytest.raises(ValueError, match="run `metering db upgrade`"):
+            Marks.unpack(before["fe-1#a"])
+        command.upgrade(cfg, "head")
+        assert stored(engine) == after
