@@ -66,6 +66,7 @@ import pstats
 import random
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -538,17 +539,29 @@ def new_month_cycle(
 
 class Stages:
     """Exclusive wall-clock time per stage of a cycle (a stage's own time, minus its children),
-    and how much of it the garbage collector took (it runs in whichever stage allocates)."""
+    and how much of it the garbage collector took (it runs in whichever stage allocates).
+    The stages of another thread than the cycle's are timed apart, marked "(thread)": their
+    time overlaps the others'."""
 
     def __init__(self) -> None:
         self.own: dict[str, float] = defaultdict(float)
         self.gc: dict[str, float] = defaultdict(float)
-        self._stack: list[tuple[str, list[float]]] = []
+        self._local = threading.local()
+        self._main = threading.get_ident()
         self._gc_started = 0.0
+
+    @property
+    def _stack(self) -> list[tuple[str, list[float]]]:
+        stack: list[tuple[str, list[float]]] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
 
     def wrap(self, label: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             name = label if isinstance(label, str) else label(*args)
+            if threading.get_ident() != self._main:
+                name = f"{name} (thread)"
             if name.startswith("COPY"):  # which table's COPY: the write it is part of
                 table = next((n for n, _ in reversed(self._stack) if n.startswith("write ")), "")
                 name = f"{name} {table.split(':')[0].removeprefix('write ')}".rstrip()
@@ -567,6 +580,8 @@ class Stages:
         return timed
 
     def on_gc(self, phase: str, _info: dict[str, int]) -> None:
+        if threading.get_ident() != self._main:
+            return
         if phase == "start":
             self._gc_started = time.perf_counter()
         elif self._stack:  # not the world's own seconds, driven before the cycle
@@ -591,7 +606,8 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
     (source, "counter_changes", "read counters (which incarnations)"),
     (source, "request_counters", "read counters: ask (ZCOUNT, then send HGETALL or ZRANGEBYSCORE)"),
     (source.PendingCounters, "result", "read counters: replies (HGETALL or ZRANGEBYSCORE + HMGET)"),
-    (Aggregator, "_fold_counters", "fold counters (deltas against marks, NumPy)"),
+    (Aggregator, "_counter_deltas", "counter totals beyond the marks, summed (NumPy)"),
+    (Aggregator, "_count", "fold counters (Folder.count, NumPy)"),
     (Aggregator, "_owners_of", "owners of apps"),
     (Aggregator, "_write", "build state and row matrices (NumPy)"),
     (service, "_values", "state: every entity's values, by index (NumPy)"),

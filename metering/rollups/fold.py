@@ -501,21 +501,34 @@ class Folder:
     def _include(  # noqa: PLR0917 (internal, called with the columns in order)
         self, u: int, idx: Ints, conns: Ints, ws: Ints, channels: Ints, at: int
     ) -> Mask:
-        """Take values held at the counted second ``at`` into the rows' extremes; which moved."""
+        """Take values held at the counted second ``at`` into the rows' extremes; which moved.
+
+        Which move is decided first, from the extremes as they are: after a period's first
+        seconds most values move none, and only the rows of those that do are rewritten."""
         rows = self.book.rows[u]
         old = rows[idx, R_EXTREMES]
         fresh = old[:, 0] < 0  # no counted second yet: the value is every extreme
-        new = old.copy()
-        up = fresh | (conns > old[:, 0])
-        new[:, 0] = np.where(up, conns, old[:, 0])
-        new[:, 1] = np.where(up, at, old[:, 1])
-        new[:, 2] = np.where(fresh, conns, np.minimum(old[:, 2], conns))
-        new[:, 3] = np.where(fresh, ws, np.maximum(old[:, 3], ws))
-        new[:, 4] = np.where(fresh, channels, np.maximum(old[:, 4], channels))
-        new[:, 5] = np.where(fresh, channels, np.minimum(old[:, 5], channels))
-        moved: Mask = (new != old).any(axis=1)
-        if moved.any():
-            rows[idx[moved], R_EXTREMES] = new[moved]
+        moved: Mask = (
+            fresh
+            | (conns > old[:, 0])
+            | (conns < old[:, 2])
+            | (ws > old[:, 3])
+            | (channels > old[:, 4])
+            | (channels < old[:, 5])
+        )
+        sel = np.flatnonzero(moved)
+        if not sel.size:
+            return moved
+        new, fresh = old[sel], fresh[sel]
+        conns, ws, channels = conns[sel], ws[sel], channels[sel]
+        up = fresh | (conns > new[:, 0])
+        new[:, 0] = np.where(up, conns, new[:, 0])
+        new[:, 1] = np.where(up, at, new[:, 1])
+        new[:, 2] = np.where(fresh, conns, np.minimum(new[:, 2], conns))
+        new[:, 3] = np.where(fresh, ws, np.maximum(new[:, 3], ws))
+        new[:, 4] = np.where(fresh, channels, np.maximum(new[:, 4], channels))
+        new[:, 5] = np.where(fresh, channels, np.minimum(new[:, 5], channels))
+        rows[idx[sel], R_EXTREMES] = new
         return moved
 
     def _changed(self, u: int, idx: Ints, second: int) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metering.rollups.fold import Ints
+from metering.rollups.fold import Ints, Mask
 from metering.rollups.models import FRONTEND_COUNTERS
 
 WIDTH = len(FRONTEND_COUNTERS)
@@ -35,21 +35,24 @@ class Marks:
     def apply(self, apps: Ints, totals: Ints) -> Ints:
         """Move the marks of ``apps`` (distinct) up to ``totals``; return what the totals held
         beyond them (a total below its mark, never for a cumulative counter, adds nothing)."""
-        self._add(apps)
-        pos = np.searchsorted(self.apps, apps)
+        pos, known = self._find(apps)
+        if not known.all():  # (rarely: once an app is marked, it stays)
+            self._add(apps[~known])
+            pos, _ = self._find(apps)
         held = self.totals[pos]
         self.totals[pos] = np.maximum(held, totals)
         beyond: Ints = np.maximum(totals - held, 0)
         return beyond
 
-    def _add(self, apps: Ints) -> None:
-        """Marks of zero for the apps not marked yet."""
+    def _find(self, apps: Ints) -> tuple[Ints, Mask]:
+        """Where each of ``apps`` is or would go in the marks, and whether it is there."""
         pos = np.searchsorted(self.apps, apps)
         known = pos < len(self.apps)
         known[known] = self.apps[pos[known]] == apps[known]
-        new = apps[~known]
-        if not new.size:
-            return
+        return pos, known
+
+    def _add(self, new: Ints) -> None:
+        """Marks of zero for ``new`` apps (not marked yet, distinct)."""
         every = np.concatenate([self.apps, new])
         order = np.argsort(every, kind="stable")
         self.apps = every[order]

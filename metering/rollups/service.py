@@ -20,10 +20,12 @@ import functools
 import gc
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 from sqlalchemy import Connection, Engine, select, text, update
@@ -71,6 +73,7 @@ from metering.rollups.periods import Unit
 
 log = get_logger(__name__)
 
+T = TypeVar("T")
 Parts = list[tuple[int, Ints, Ints]]  # ``_row_matrix``'s: (unit index, codes, book rows)
 
 ROW_COLUMNS = (
@@ -238,20 +241,8 @@ class Aggregator:
                 self._resync(folder, snapshot, watermark)
                 samples = []
             cursors = json.loads(cursor.counter_cursors or "{}")
-            with ExitStack() as reading:
-                # Redis prepares the counters while the samples are folded.
-                requested = self._request_counters(cursors, reading)
-                for sample in samples:
-                    self._fold_sample(conn, folder, sample)
-                counted_upto = loaded.coverage.last
-                applied = 0
-                dirty_marks: set[tuple[str, str]] = set()
-                retiring: list[tuple[str, list[str]]] = []
-                if counted_upto is not None:
-                    applied, dirty_marks, retiring = self._fold_counters(
-                        conn, folder, loaded, cursors, requested, counted_upto
-                    )
-
+            applied, dirty_marks, retiring = self._fold(conn, folder, loaded, samples, cursors)
+            counted_upto = loaded.coverage.last
             if not folder.dirty and not dirty_marks and counted_upto == watermark:
                 return CycleResult(committed=False, second=watermark, reason="nothing new"), []
 
@@ -330,6 +321,43 @@ class Aggregator:
 
     # -- folding -----------------------------------------------------------------------
 
+    def _fold(
+        self,
+        conn: Connection,
+        folder: Folder,
+        loaded: _Loaded,
+        samples: list[source.Columns],
+        cursors: dict[str, list[object]],
+    ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
+        """Fold the samples, then the counters that moved after each datacenter's cursor
+        (moved on) at the last second counted: how many apps' counters moved, the marks
+        moved (``_counter_deltas``) and the reaped incarnations read."""
+        counting = loaded.coverage.last is not None or bool(samples)  # (a second is counted)
+        with ExitStack() as reading:
+            # Redis prepares the counters while the samples are folded, and a thread reads
+            # them and takes them from the marks meanwhile (NumPy and the socket let it run
+            # beside the folding): nothing the samples change.
+            requested = self._request_counters(cursors, reading)
+            deltas = _Background(
+                lambda: self._counter_deltas(loaded, cursors, requested) if counting else None
+            )
+            try:
+                for sample in samples:
+                    self._fold_sample(conn, folder, sample)
+            except BaseException:
+                deltas.join()  # done with the connections before they close; its error, if any,
+                raise  # is not the cycle's
+            got = deltas.result()
+        if got is None:
+            return 0, set(), []
+        apps, summed, dirty, retiring = got
+        if len(apps):
+            sums = np.zeros((len(apps), N_COUNTERS), dtype=np.int64)
+            sums[:, _FROM_FRONTEND] = summed
+            assert loaded.coverage.last is not None
+            self._count(conn, folder, loaded.coverage.last, apps, sums)
+        return len(apps), dirty, retiring
+
     def _fold_sample(self, conn: Connection, folder: Folder, sample: source.Columns) -> None:
         last, second = folder.coverage.last, sample.second
         if sample.origin and last is not None:
@@ -369,7 +397,7 @@ class Aggregator:
         self, cursors: Mapping[str, list[object]], reading: ExitStack
     ) -> list[tuple[str, source.CounterChanges, source.PendingCounters]]:
         """Per datacenter, the incarnations whose counters moved after its cursor, and their
-        totals asked for (``source.request_counters``: read by ``_fold_counters``)."""
+        totals asked for (``source.request_counters``: read by ``_counter_deltas``)."""
         requested = []
         for dc, store in self.datacenters.items():
             epoch, seq = (cursors.get(dc) or [None, 0])[:2]
@@ -384,18 +412,18 @@ class Aggregator:
             requested.append((dc, changes, reading.enter_context(pending)))
         return requested
 
-    def _fold_counters(  # noqa: PLR0917 (internal)
+    def _counter_deltas(
         self,
-        conn: Connection,
-        folder: Folder,
         loaded: _Loaded,
         cursors: dict[str, list[object]],
         requested: list[tuple[str, source.CounterChanges, source.PendingCounters]],
-        second: int,
-    ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
-        """Apply each incarnation's counter totals beyond its marks, at ``second``."""
-        moved_apps: list[Ints] = []
-        deltas: list[Ints] = []  # FRONTEND_COUNTERS order
+    ) -> tuple[Ints, Ints, set[tuple[str, str]], list[tuple[str, list[str]]]]:
+        """Read each incarnation's counter totals and move its marks up to them: the apps
+        whose totals held more (sorted), what they held beyond the marks summed over the
+        incarnations (``FRONTEND_COUNTERS`` order), the incarnations whose marks moved, and
+        per datacenter the reaped incarnations read (its cursor moved on)."""
+        moved_apps: list[Ints] = [np.zeros(0, dtype=np.int64)]
+        deltas: list[Ints] = [np.zeros((0, len(FRONTEND_COUNTERS)), dtype=np.int64)]
         dirty: set[tuple[str, str]] = set()
         retiring: list[tuple[str, list[str]]] = []
         for dc, changes, pending in requested:
@@ -410,14 +438,9 @@ class Aggregator:
             if gone:
                 retiring.append((dc, gone))
             cursors[dc] = [changes.epoch, changes.seq]
-        if not deltas:
-            return 0, dirty, retiring
         # The same app on several incarnations: one sum per app.
         apps, summed = sum_by(np.concatenate(moved_apps), np.concatenate(deltas))
-        sums = np.zeros((len(apps), N_COUNTERS), dtype=np.int64)
-        sums[:, _FROM_FRONTEND] = summed
-        self._count(conn, folder, second, apps, sums)
-        return len(apps), dirty, retiring
+        return apps, summed, dirty, retiring
 
     def _owners_of(self, apps: Ints, conn: Connection) -> Ints:
         """Each app's account, -1 for an app Postgres does not know (asked again later)."""
@@ -642,6 +665,33 @@ def keep_freed_memory() -> None:
     for param, value in _KEEP:
         if mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
             log.info("rollups.mallopt_refused", param=param, value=value)
+
+
+class _Background(Generic[T]):
+    """``fn()`` run on a thread of its own from now; ``result()`` waits for it, then returns
+    what it returned or raises what it raised. (A thread per use, not a pool: a pool made
+    before a worker process forks would be left without its thread in the child.)"""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], T]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # (raised again by ``result``)
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
 
 
 def _values(book: Book) -> Ints:

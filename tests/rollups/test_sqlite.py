@@ -1,6 +1,7 @@
 """The aggregator on SQLite, the embedded default's store of record: the same code as on
 Postgres builds the same rollups, a cycle run again (by the same worker or a restarted one)
-counts nothing twice, and an older gateway's six counter totals count with no refusals."""
+counts nothing twice, an older gateway's six counter totals count with no refusals, and a
+cycle that cannot read the counters keeps nothing."""
 
 from __future__ import annotations
 
@@ -232,3 +233,30 @@ COUNTED = (
     "connections.all.opened", "connections.all.refused", "messages.published.count",
     "messages.published.data", "messages.delivered.count", "channels.refused", "messages.refused",
 )  # fmt: skip
+
+
+def test_a_cycle_that_cannot_read_the_counters_commits_nothing_and_the_next_counts_once(
+    world: World,
+) -> None:
+    # The counters are read on a thread of their own while the samples are folded: its
+    # error is the cycle's, which keeps nothing of what it folded meanwhile.
+    aggregator = world.aggregator()
+    opened = play(world, range(5))
+    assert aggregator.run().committed
+    before = world.minute(APP)
+    opened += play(world, range(5, 10))
+    [inc] = world.dc.client.zrange(world.dc.key("counter-changes"), 0, -1)
+    counters = world.dc.key(f"fe:{inc.decode()}:counters")
+    client = world.dc.client
+    client.rename(counters, f"{counters}:aside")
+    client.set(counters, "not a hash")  # every read of it fails (WRONGTYPE)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        aggregator.run()
+    assert world.minute(APP) == before
+
+    client.delete(counters)
+    client.rename(f"{counters}:aside", counters)
+    again = aggregator.run()
+    assert (again.committed, again.second, again.samples) == (True, T0 + 9, 5)
+    assert world.minute(APP) == {**EXPECTED, "connections.all.opened": opened}
+    assert world.minute(ACCOUNT) == {**EXPECTED, "connections.all.opened": opened}
