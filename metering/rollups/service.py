@@ -75,6 +75,8 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 Parts = list[tuple[int, Ints, Ints]]  # ``_row_matrix``'s: (unit index, codes, book rows)
+# ``_counter_deltas``'s: apps, their counters' deltas, incarnations marked, reaped ones read.
+_Deltas = tuple[Ints, Ints, set[tuple[str, str]], list[tuple[str, list[str]]]]
 
 ROW_COLUMNS = (
     "scope", "entity_id", "unit", "period_start", "conns0", "ws0", "channels0", "area0",
@@ -215,33 +217,27 @@ class Aggregator:
             folder = Folder(loaded.book, loaded.coverage)
             gaps_before = len(loaded.coverage.gaps())
 
-            samples = source.samples_after(self.global_store, watermark, self.max_samples)
-            lost = 0
-            if samples and samples[0].origin:
-                # The stream starts at the first second this Redis counted: fold it whole.
-                # (With a watermark, that means Redis restarted empty: the samples before
-                # went with it, and the new ones hold every value again.)
-                if watermark is not None and samples[0].second <= watermark:
-                    samples = [s for s in samples if s.second > watermark]
-            elif watermark is None or (samples and samples[0].second - samples[0].gap != watermark):
-                snapshot = source.live_snapshot(self.global_store)
-                if snapshot.second is None or (
-                    watermark is not None and snapshot.second <= watermark
-                ):
-                    return CycleResult(committed=False, reason="no tick yet"), []
-                if watermark is not None:
-                    lost = snapshot.second - watermark - 1
-                    log.error(
-                        "rollups.samples_lost",
-                        after=watermark,
-                        resynced_at=snapshot.second,
-                        seconds=lost,
-                        hint="the aggregator fell behind METERING_SAMPLE_RETENTION",
-                    )
-                self._resync(folder, snapshot, watermark)
-                samples = []
             cursors = json.loads(cursor.counter_cursors or "{}")
-            applied, dirty_marks, retiring = self._fold(conn, folder, loaded, samples, cursors)
+            with ExitStack() as reading:
+                # Redis prepares the counters, and a thread reads them and takes them from
+                # the marks (NumPy and the socket let it run beside the cycle), while the
+                # samples are read and folded: nothing the samples change.
+                counting = loaded.coverage.last is not None  # (a second is counted)
+                counters = self._counters(loaded, cursors, reading) if counting else None
+                got = self._samples(folder, watermark)
+                if got is None:
+                    if counters is not None:
+                        counters.join()
+                        self._loaded = None  # its marks moved, and this cycle commits nothing
+                    return CycleResult(committed=False, reason="no tick yet"), []
+                samples, lost = got
+                for sample in samples:
+                    self._fold_sample(conn, folder, sample)
+                if counters is None and loaded.coverage.last is not None:
+                    counters = self._counters(loaded, cursors, reading)  # the first cycle
+                applied, dirty_marks, retiring = self._fold_counters(
+                    conn, folder, counters.result() if counters else None
+                )
             counted_upto = loaded.coverage.last
             if not folder.dirty and not dirty_marks and counted_upto == watermark:
                 return CycleResult(committed=False, second=watermark, reason="nothing new"), []
@@ -321,41 +317,65 @@ class Aggregator:
 
     # -- folding -----------------------------------------------------------------------
 
-    def _fold(
-        self,
-        conn: Connection,
-        folder: Folder,
-        loaded: _Loaded,
-        samples: list[source.Columns],
-        cursors: dict[str, list[object]],
-    ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
-        """Fold the samples, then the counters that moved after each datacenter's cursor
-        (moved on) at the last second counted: how many apps' counters moved, the marks
-        moved (``_counter_deltas``) and the reaped incarnations read."""
-        counting = loaded.coverage.last is not None or bool(samples)  # (a second is counted)
-        with ExitStack() as reading:
-            # Redis prepares the counters while the samples are folded, and a thread reads
-            # them and takes them from the marks meanwhile (NumPy and the socket let it run
-            # beside the folding): nothing the samples change.
-            requested = self._request_counters(cursors, reading)
-            deltas = _Background(
-                lambda: self._counter_deltas(loaded, cursors, requested) if counting else None
+    def _samples(
+        self, folder: Folder, watermark: int | None
+    ) -> tuple[list[source.Columns], int] | None:
+        """The samples to fold after ``watermark`` and the seconds lost before them (none
+        when the stream goes on from it). Where it does not, every value is taken from the
+        live snapshot into ``folder`` instead, and there are no samples to fold; None if no
+        tick has counted a second after ``watermark`` yet."""
+        samples = source.samples_after(self.global_store, watermark, self.max_samples)
+        if samples and samples[0].origin:
+            # The stream starts at the first second this Redis counted: fold it whole.
+            # (With a watermark, that means Redis restarted empty: the samples before
+            # went with it, and the new ones hold every value again.)
+            if watermark is not None and samples[0].second <= watermark:
+                samples = [s for s in samples if s.second > watermark]
+            return samples, 0
+        if watermark is not None and (
+            not samples or samples[0].second - samples[0].gap == watermark
+        ):
+            return samples, 0
+        snapshot = source.live_snapshot(self.global_store)
+        if snapshot.second is None or (watermark is not None and snapshot.second <= watermark):
+            return None
+        lost = 0
+        if watermark is not None:
+            lost = snapshot.second - watermark - 1
+            log.error(
+                "rollups.samples_lost",
+                after=watermark,
+                resynced_at=snapshot.second,
+                seconds=lost,
+                hint="the aggregator fell behind METERING_SAMPLE_RETENTION",
             )
-            try:
-                for sample in samples:
-                    self._fold_sample(conn, folder, sample)
-            except BaseException:
-                deltas.join()  # done with the connections before they close; its error, if any,
-                raise  # is not the cycle's
-            got = deltas.result()
-        if got is None:
+        self._resync(folder, snapshot, watermark)
+        return [], lost
+
+    def _counters(
+        self, loaded: _Loaded, cursors: dict[str, list[object]], reading: ExitStack
+    ) -> _Background[_Deltas]:
+        """The counter totals that moved after each datacenter's cursor, asked for now and
+        taken from the marks on a thread of their own (``_counter_deltas``); ``reading``
+        closes their connections once the thread is done with them."""
+        requested = self._request_counters(cursors, reading)
+        counters = _Background(lambda: self._counter_deltas(loaded, cursors, requested))
+        reading.callback(counters.join)  # (before the connections close: callbacks run last first)
+        return counters
+
+    def _fold_counters(
+        self, conn: Connection, folder: Folder, deltas: _Deltas | None
+    ) -> tuple[int, set[tuple[str, str]], list[tuple[str, list[str]]]]:
+        """Fold the counters' ``deltas`` at the last second counted: how many apps' counters
+        moved, the incarnations whose marks moved, and the reaped incarnations read."""
+        if deltas is None:
             return 0, set(), []
-        apps, summed, dirty, retiring = got
+        apps, summed, dirty, retiring = deltas
         if len(apps):
             sums = np.zeros((len(apps), N_COUNTERS), dtype=np.int64)
             sums[:, _FROM_FRONTEND] = summed
-            assert loaded.coverage.last is not None
-            self._count(conn, folder, loaded.coverage.last, apps, sums)
+            assert folder.coverage.last is not None
+            self._count(conn, folder, folder.coverage.last, apps, sums)
         return len(apps), dirty, retiring
 
     def _fold_sample(self, conn: Connection, folder: Folder, sample: source.Columns) -> None:
@@ -417,7 +437,7 @@ class Aggregator:
         loaded: _Loaded,
         cursors: dict[str, list[object]],
         requested: list[tuple[str, source.CounterChanges, source.PendingCounters]],
-    ) -> tuple[Ints, Ints, set[tuple[str, str]], list[tuple[str, list[str]]]]:
+    ) -> _Deltas:
         """Read each incarnation's counter totals and move its marks up to them: the apps
         whose totals held more (sorted), what they held beyond the marks summed over the
         incarnations (``FRONTEND_COUNTERS`` order), the incarnations whose marks moved, and
