@@ -608,6 +608,7 @@ STAGES: list[tuple[Any, str, str | Callable[..., str]]] = [
     (source.PendingCounters, "result", "read counters: replies (HGETALL or ZRANGEBYSCORE + HMGET)"),
     (Aggregator, "_counter_deltas", "counter totals beyond the marks, summed (NumPy)"),
     (Aggregator, "_count", "fold counters (Folder.count, NumPy)"),
+    (service._Background, "result", "wait for the counters' thread"),
     (Aggregator, "_owners_of", "owners of apps"),
     (Aggregator, "_write", "build state and row matrices (NumPy)"),
     (service, "_values", "state: every entity's values, by index (NumPy)"),
