@@ -226,9 +226,8 @@ class Aggregator:
                 counters = self._counters(loaded, cursors, reading) if counting else None
                 got = self._samples(folder, watermark)
                 if got is None:
-                    if counters is not None:
-                        counters.join()
-                        self._loaded = None  # its marks moved, and this cycle commits nothing
+                    if counters is not None:  # its marks moved, and this cycle commits nothing
+                        self._loaded = None  # (``reading`` waits for its thread on the way out)
                     return CycleResult(committed=False, reason="no tick yet"), []
                 samples, lost = got
                 for sample in samples:
@@ -708,7 +707,7 @@ class _Background(Generic[T]):
         self._thread.join()
 
     def result(self) -> T:
-        self._thread.join()
+        self.join()
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
