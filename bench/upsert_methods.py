@@ -147,7 +147,7 @@ AT_COLUMNS = [ALL.index(c) for c in COLUMNS]
 # when a row begins (the minute row's start and start values, the hour, day and month starts).
 PART_FIELDS = {
     state.NOW: (*range(0, 15), *range(30, 36)),
-    state.ROWS: (*range(15, 30), *range(36, 39)),
+    state.ROWS: (*range(15, 30), *range(36, len(FIELDS))),  # (39: the lag, migration 0018)
 }
 assert [FIELDS[i] for i in PART_FIELDS[state.NOW]] == list(VALUE_COLUMNS), "parts moved"
 SLOW = [len(KEYS) + i for i in PART_FIELDS[state.ROWS]]  # the slow part, in ALL order

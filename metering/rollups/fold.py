@@ -273,10 +273,13 @@ class Book:
 
     A row that closed is read the same way: ``deferred[u, i]`` is an hour, day or month row of
     the entity that closed having changed since written only in the minute of its held row
-    (or begun with it), which the aggregator writes to ``usage_rollups`` with the held row,
-    not when it closes (``R_START`` -1: none); ``deferred_stored[u, i]``: a copy of it is in
-    ``usage_rollups`` already (merged, not inserted). Until then it is that copy widened by
-    the held row, or the held row, as readers and a restarted aggregator derive it.
+    (or begun with it), not written when it closes (``R_START`` -1: none). One begun with
+    that minute (no copy in ``usage_rollups``) is inserted with the held row, and is the held
+    row until then. One with a copy there (``deferred_stored[u, i]``) is that copy widened by
+    the minute's row, and is settled (merged) later, a share per cycle: ``lag[i]`` is the
+    start of that minute (-1: nothing to settle), kept in the state row, so that readers and
+    a restarted aggregator widen the copies of the periods it lies in by its row, from the
+    state row while it is held, from ``usage_rollups`` after.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -291,6 +294,7 @@ class Book:
         self.deferred: Ints = np.zeros((len(UNITS), capacity, R_WIDTH), dtype=np.int64)
         self.deferred[:, :, R_START] = -1
         self.deferred_stored: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
+        self.lag: Ints = np.full(capacity, -1, dtype=np.int64)
         self.dirty_state: Mask = np.zeros(capacity, dtype=np.bool_)
         self.dirty_starts: Mask = np.zeros(capacity, dtype=np.bool_)
         self.stored: Mask = np.zeros((len(UNITS), capacity), dtype=np.bool_)
@@ -350,6 +354,7 @@ class Book:
         self.deferred_stored = np.concatenate(
             [self.deferred_stored, np.zeros((len(UNITS), extra), dtype=np.bool_)], axis=1
         )
+        self.lag = np.concatenate([self.lag, np.full(extra, -1, dtype=np.int64)])
         self.dirty_state = np.concatenate([self.dirty_state, np.zeros(extra, dtype=np.bool_)])
         self.dirty_starts = np.concatenate([self.dirty_starts, np.zeros(extra, dtype=np.bool_)])
         self.stored = np.concatenate(

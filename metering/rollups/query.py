@@ -36,6 +36,7 @@ from metering.rollups.fold import (
     derived_rows,
     period_end,
     period_start,
+    period_starts,
     widen,
 )
 from metering.rollups.models import (
@@ -126,7 +127,7 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
     # The entity's state, with its latest minute row and its latest rows' starts.
     packed = entity_state.packed_of(conn, query.scope, query.entity_id)
     state = entity_state.as_mapping(packed) if packed is not None else None
-    rows, nxt = _with_state(unit, rows, nxt, state, lo, hi)
+    rows, nxt = _with_state(unit, rows, nxt, state, lo, hi, _lag_row(conn, query, state))
     now = _now_point(state, cov)
     out: list[dict[str, Any]] = []
     walk = _walk(unit, lo, hi, rows, nxt, state, now, cov, backwards=query.backwards)
@@ -137,14 +138,41 @@ def periods(conn: Connection, query: Query, ctx: Context | None = None) -> list[
     return out
 
 
+def _lag_row(conn: Connection, query: Query, state: Any) -> dict[str, Any] | None:
+    """The minute row (from usage_rollups) by which the entity's closed hour, day and month
+    rows may lag (``fold.Book.lag``), when it is no longer held in its state row."""
+    if query.unit is Unit.MINUTE or state is None or state["lag"] is None:
+        return None
+    if state["lag"] == state["held"]:
+        return None  # (widened by the held row)
+    t = UsageRollup.__table__
+    row = (
+        conn.execute(
+            select(t).where(
+                (t.c.scope == query.scope) & (t.c.entity_id == query.entity_id)
+                & (t.c.unit == UNIT_CODES[Unit.MINUTE]) & (t.c.period_start == state["lag"])
+            )
+        )
+        .mappings()
+        .first()
+    )  # fmt: skip
+    return dict(row) if row is not None else None
+
+
 def _with_state(  # noqa: PLR0917 (internal)
-    unit: Unit, rows: list[Any], nxt: Any, state: Any, lo: int, hi: int
+    unit: Unit, rows: list[Any], nxt: Any, state: Any, lo: int, hi: int, lag: Any = None
 ) -> tuple[list[Any], Any]:
     """The rows in [lo, hi) and the next one with what the entity's state row adds: its minute
     rows not in usage_rollups (the closed one it holds, then its latest) are rows of their
     own, and for a coarser unit they widen the row of their period, or begin it, when it is
-    not written yet (``fold.Book``: an hour, day or month row is written lazily)."""
+    not written yet (``fold.Book``: an hour, day or month row is written lazily). ``lag``, the
+    minute row the entity's closed rows may lack (``_lag_row``), widens the row of its period
+    first (one with a copy here: never begun by it)."""
     by_start = {r["period_start"]: r for r in rows}
+    if lag is not None:
+        start = period_start(unit, lag["period_start"])
+        if start in by_start:
+            by_start[start] = _widened(by_start[start], lag)
     for minute in (_minute_row(state, "held"), _minute_row(state, "minute")):
         if minute is None:
             continue
@@ -443,18 +471,43 @@ _END_OF_ROW = [
 ]
 
 
-def _month_rows_with_state(
+def _lagging(
+    conn: Connection,
+    scope: int,
+    entity: npt.NDArray[np.int64],
+    packed: npt.NDArray[np.int64],
+    month_start: int,
+) -> npt.NDArray[np.int64]:
+    """The minute rows (the id, then the row) by which the entities' month rows of the month
+    may lag (``fold.Book.lag``), where that minute lies in the month, which is over for them,
+    and its row is no longer held in their state rows: from usage_rollups."""
+    lag = packed[:, entity_state.LAG_COLUMN]
+    held = packed[:, entity_state.column("held")]
+    latest = packed[:, entity_state.column("month")]
+    sel = (lag >= 0) & (lag != held) & (latest != month_start)
+    sel &= period_starts(Unit.MONTH, lag) == month_start
+    wanted = np.column_stack([np.full(int(sel.sum()), scope, np.int64), entity[sel], lag[sel]])
+    rows = bulk.select_matching(
+        conn, "usage_rollups", columns=("entity_id", "period_start", *_ROW_FIGURES),
+        keys=("scope", "entity_id", "period_start"), wanted=wanted,
+        where=f"r.unit = {UNIT_CODES[Unit.MINUTE]}",
+    )  # fmt: skip
+    return rows[np.argsort(rows[:, 0])]
+
+
+def _month_rows_with_state(  # noqa: PLR0917 (internal)
     entity: npt.NDArray[np.int64],
     packed: npt.NDArray[np.int64],
     month_start: int,
     rows: npt.NDArray[np.int64],
     nxt: npt.NDArray[np.int64],
+    lagging: npt.NDArray[np.int64] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The entities' month rows of the month (``rows``: the id, then the row) and their next
     month rows (``nxt``) with what their state rows add (``entity`` ids, sorted, and their
     ``packed`` values; ``fold.Book``: a month row is written lazily): the month rows widened by
-    the minute rows in the state rows, or begun with one; a next row not written yet begun
-    with one."""
+    the minute rows they lag by (``lagging``, ``_lagging``) and by those in the state rows,
+    or begun with one; a next row not written yet begun with one."""
     held, minute = packed[:, entity_state.HELD_COLUMNS], packed[:, entity_state.MINUTE_COLUMNS]
     out = []
     latest = packed[:, entity_state.column("month")]
@@ -465,6 +518,10 @@ def _month_rows_with_state(
         stored = np.full((len(entity), R_WIDTH), -1, np.int64)
         found = np.zeros(len(entity), np.bool_)
         stored[at[has_state]], found[at[has_state]] = table[has_state, 1:], True
+        if table is rows and lagging is not None and len(lagging):
+            lag = np.full((len(entity), R_WIDTH), -1, np.int64)
+            lag[np.searchsorted(entity, lagging[:, 0])] = lagging[:, 1:]
+            widen(stored, lag, found)
         starts = np.full(len(entity), month_start, np.int64)
         if table is nxt:  # the row after the month: the stored one, else the latest if later
             starts = np.where(found, stored[:, R_START], np.where(latest > month_start, latest, -1))
@@ -508,7 +565,8 @@ def month_usage(
     _, entity, packed = entity_state.select(conn, f"scope = {int(scope)}")
     order = np.argsort(entity)
     entity, packed = entity[order], packed[order]
-    rows, nxt = _month_rows_with_state(entity, packed, month_start, rows, nxt)
+    lagging = _lagging(conn, scope, entity, packed, month_start)
+    rows, nxt = _month_rows_with_state(entity, packed, month_start, rows, nxt, lagging)
     states = np.column_stack([entity, packed[:, [entity_state.column(c) for c in _STATE_COLUMNS]]])
     ids = np.union1d(np.union1d(rows[:, 0], nxt[:, 0]), states[:, 0])
     n = len(ids)

@@ -12,13 +12,23 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, delete, select, text, update
+from sqlalchemy import Connection, Engine, delete, select, text, update
 
 from metering.live.store import DatacenterStore
-from metering.rollups import partitions, source
+from metering.rollups import partitions, source, state
 from metering.rollups.fold import UNIT_CODES, period_start
 from metering.rollups.models import UsageCursor, UsageMark, UsageRollup
 from metering.rollups.periods import Unit
+
+
+def _oldest_lag(conn: Connection) -> int:
+    """The oldest minute whose row closed hour, day and month rows still lack in usage_rollups
+    (``fold.Book.lag``: the aggregator settles them within minutes): minute rows from it on
+    stay, whatever their age, as reads widen those rows by them."""
+    _, _, values = state.select(conn)
+    lag = values[:, state.LAG_COLUMN]
+    lag = lag[lag >= 0]
+    return int(lag.min()) if lag.size else 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,8 @@ def enforce_retention(
             if seconds is None:
                 continue
             cutoff = period_start(unit, second - int(seconds))
+            if unit is Unit.MINUTE:
+                cutoff = min(cutoff, _oldest_lag(conn))
             code = UNIT_CODES[unit]
             expired = partitions.expire(conn, unit, cutoff)
             if expired is None:

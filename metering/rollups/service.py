@@ -60,6 +60,7 @@ from metering.rollups.fold import (
     period_starts,
     split,
     sum_by,
+    widen,
 )
 from metering.rollups.marks import Marks
 from metering.rollups.models import (
@@ -99,6 +100,14 @@ _FROM_FRONTEND = [COUNTERS.index(c) for c in FRONTEND_COUNTERS]
 # Due 5 s before the entity's next minute can close: spread over as many cycles as there are,
 # with one cycle's slack (a row still held then moves in the closing cycle, the longest).
 HELD_WITHIN = 55
+# An hour, day or month row that closed having changed since written only in the minute of
+# the row the entity then held, with a copy in usage_rollups, is settled (merged) this many
+# counted seconds after that minute's end at the latest, a share per cycle (``_settle``):
+# at an hour's, day's or month's start every busy entity's rows close at once, and merging
+# them with the held rows, over the next minute, made those cycles the longest of all (33 000
+# merges in each at a month's start at 100 000 apps). Until settled, readers widen the copy
+# by that minute's row (``Book.lag``).
+SETTLE_WITHIN = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +164,16 @@ class Aggregator:
         max_samples: int = 3600,
         on_accounts: AccountsHook | None = None,
         held_within: int | None = HELD_WITHIN,
+        settle_within: int | None = SETTLE_WITHIN,
     ) -> None:
         self.engine = engine
         # Counted seconds after its minute's end by which a closed minute row held in its
         # state row has moved to usage_rollups (0: in the cycle that closed it; None: only when
         # the entity's next minute row closes).
         self.held_within = held_within
+        # Counted seconds after the end of the minute they lag by (``Book.lag``) by which closed
+        # rows are settled (None: only when the entity's rows close again).
+        self.settle_within = settle_within
         self.on_accounts = on_accounts
         self.global_store = global_store
         self.datacenters = datacenters
@@ -499,6 +512,7 @@ class Aggregator:
         book.rows[0, idx] = packed[:, state.MINUTE_COLUMNS]
         book.rows[1:, idx, R_START] = packed[:, state.STARTS_COLUMNS].T
         book.held[idx] = packed[:, state.HELD_COLUMNS]
+        book.lag[idx] = packed[:, state.LAG_COLUMN]
         # The latest hour, day and month rows: where the entities' starts say they are in
         # usage_rollups, with what the minute rows in the state rows add (``Book``).
         every = np.arange(book.size)
@@ -523,6 +537,9 @@ class Aggregator:
             deferred = ~found | (now[:, R_EXTREMES] != stored[:, R_EXTREMES]).any(axis=1)
             book.deferred[u, at[deferred]] = now[deferred]
             book.deferred_stored[u, at[deferred]] = found[deferred]
+        # The rows that closed changed only in a minute whose row has left the state row since,
+        # not settled yet: their copies widened by that row, read back from usage_rollups.
+        _load_lagging(conn, book)
         gaps = conn.execute(select(UsageGap.second, UsageGap.missed)).all()
         coverage = Coverage(cursor.first_second, cursor.second, [(g[0], g[1]) for g in gaps])
         marks: dict[tuple[str, str], Marks] = {}
@@ -552,8 +569,9 @@ class Aggregator:
         horizon is dropped, not written back."""
         book = folder.book
         moved, leaving = self._minute_rows(folder, before, now)  # (which changes states: first)
-        released, released_stored = _released(book, leaving)  # (then what left with them)
+        released = _released(book, leaving)  # (then what left with them)
         closing = _closing(book, folder.closed)
+        settled = _settle(book, self.settle_within, before, now)
         unwritten, written = _coarse_rows(book)  # (as the minute rows left the state rows)
         idx = np.nonzero(book.dirty_state[: book.size] | book.dirty_starts[: book.size])[0]
         begun = book.dirty_starts[idx]
@@ -562,7 +580,7 @@ class Aggregator:
         # ever there and in memory: new to usage_rollups (inserted). The others may be there
         # already (merged).
         inserted = _row_matrix([*moved, *released, *unwritten], horizons)
-        merged = _row_matrix([*written, *released_stored, *closing], horizons)
+        merged = _row_matrix([*written, *closing, *settled], horizons)
         # Every changed entity's fast-changing part (``state.NOW``); the slow part
         # (``state.ROWS``) of those whose slow part differs from what usage_state holds.
         # An entity in no row yet gets both (a block's two rows hold the same entities).
@@ -722,6 +740,7 @@ def _values(book: Book) -> Ints:
     values[:, state.STATE_COLUMNS] = book.state[:n]
     values[:, state.MINUTE_COLUMNS] = book.rows[0, :n]
     values[:, state.STARTS_COLUMNS] = book.rows[1:, :n, R_START].T
+    values[:, state.LAG_COLUMN] = book.lag[:n]
     values[:, state.HELD_COLUMNS] = book.held[:n]
     return values
 
@@ -744,15 +763,8 @@ def _derived(  # noqa: PLR0917 (internal)
     """The rows of unit index ``u`` of the entities ``at`` (indices, ascending) in the
     periods beginning at ``starts``, as they are now (``fold.derived_rows``), their copies in
     usage_rollups, and which have one; an error if one is in neither place."""
-    wanted = np.column_stack([*split(book.codes[at]), starts])
-    rows = bulk.select_matching(
-        conn, "usage_rollups", columns=ROW_COLUMNS, keys=("scope", "entity_id",
-        "period_start"), wanted=wanted, where=f"r.unit = {u + 1}",
-    )  # fmt: skip
-    stored = np.full((len(at), R_WIDTH), -1, dtype=np.int64)
-    found = np.zeros(len(at), dtype=np.bool_)
-    pos = np.searchsorted(at, book.find(codes(rows[:, 0], rows[:, 1])))
-    stored[pos], found[pos] = rows[:, 3:], True
+    stored = _copies(conn, book, u, at, starts)
+    found = stored[:, R_START] >= 0
     now, exists = derived_rows(UNITS[u], starts, stored, found, book.held[at], book.rows[0, at])
     if not exists.all():
         raise ValueError(
@@ -762,35 +774,38 @@ def _derived(  # noqa: PLR0917 (internal)
     return now, stored, found
 
 
-def _released(book: Book, leaving: Ints) -> tuple[Parts, Parts]:
-    """The deferred hour, day and month rows (``Book.deferred``) of the entities whose held
-    row leaves their state row this cycle: to write with it, those never written (inserted)
-    and those written before (merged)."""
+def _released(book: Book, leaving: Ints) -> Parts:
+    """The deferred hour, day and month rows (``Book.deferred``) never written, of the entities
+    whose held row leaves their state row this cycle: begun with it, inserted with it. (Those
+    with a copy in usage_rollups wait to be settled: ``_settle``.)"""
     new: Parts = []
-    merged: Parts = []
     for u in range(1, len(UNITS)):
         idx = leaving[book.deferred[u, leaving, R_START] >= 0]
-        there = book.deferred_stored[u, idx]
-        for out, which in ((new, idx[~there]), (merged, idx[there])):
-            out.append((u, book.codes[which], book.deferred[u, which]))
+        idx = idx[~book.deferred_stored[u, idx]]
+        new.append((u, book.codes[idx], book.deferred[u, idx]))
         book.deferred[u, idx, R_START] = -1
-    return new, merged
+    return new
 
 
 def _closing(book: Book, closed: list[Closed]) -> Parts:
     """The hour, day and month rows the cycle closed that are written now (merged), after the
-    minute rows moved; the others are deferred (``Book.deferred``) until the entity's held
-    row leaves its state row.
+    minute rows moved; the others are deferred (``Book.deferred``).
 
     A row is deferred when the entity now holds the minute row in which it changed since
     written (its ``since``), and its copy is in usage_rollups or it began with that minute:
     then it is the copy widened by the held row, or the held row, as readers and a restarted
-    aggregator find it. At an hour's, day's and month's start, every busy entity's rows
-    close at once, and are written over the next cycles with the held rows, not all in one."""
+    aggregator find it. At an hour's, day's and month's start every busy entity's rows close
+    at once: those begun with the held row are written with it over the next cycles, those
+    with a copy are settled over the next minutes (``_settle``), not all in one cycle.
+
+    An entity whose rows closed before and are not settled yet (``Book.lag``: an entity idle
+    since, or settling far behind) has those written now: it lags by one minute at most."""
     out: Parts = []
-    for c in closed:
-        if c.unit == 0:
-            continue
+    coarse = [c for c in closed if c.unit != 0]
+    if coarse:
+        idx = book.find(np.concatenate([c.codes for c in coarse]))
+        out += _settled(book, np.unique(idx[book.lag[idx] >= 0]))
+    for c in coarse:
         idx = book.find(c.codes)
         held = book.held[idx, R_START]
         defer = (c.since == held) & (c.stored | (c.rows[:, R_START] == held))
@@ -802,7 +817,80 @@ def _closing(book: Book, closed: list[Closed]) -> Parts:
         out.append((c.unit, book.codes[pending], book.deferred[c.unit, pending]))
         book.deferred[c.unit, at] = rows
         book.deferred_stored[c.unit, at] = stored
+        book.lag[at[stored]] = held[defer][stored]
     return out
+
+
+def _settle(book: Book, within: int | None, before: int | None, now: int | None) -> Parts:
+    """The deferred rows with a copy in usage_rollups (``Book.lag``) settled this cycle, to
+    merge, once the row of the minute they lag by has left the state row: each entity's are
+    due ``within`` counted seconds after that minute's end, and this cycle settles the share
+    of the time left until then that it counted (oldest first, then block by block; every
+    entity past due), as ``_minute_rows`` moves held rows."""
+    if within is None or now is None:
+        return []
+    lag = book.lag[: book.size]
+    lagging = np.flatnonzero((lag >= 0) & (lag != book.held[: book.size, R_START]))
+    if not lagging.size:
+        return []
+    due_at = book.lag[lagging] + 60 + within
+    counted_from = now - 1 if before is None else before
+    left = np.maximum(due_at - counted_from, 1)
+    budget = int(np.ceil(np.minimum((now - counted_from) / left, 1.0).sum() - 1e-9))
+    if budget < lagging.size:
+        scopes, ids = split(book.codes[lagging])
+        lagging = lagging[np.lexsort((ids, scopes, due_at))[:budget]]
+    return _settled(book, lagging)
+
+
+def _settled(book: Book, idx: Ints) -> Parts:
+    """The deferred rows with a copy in usage_rollups of the entities ``idx``, to merge now;
+    they lag no more. (Those begun with their held row go with it: ``_released``.)"""
+    out: Parts = []
+    for u in range(1, len(UNITS)):
+        at = idx[(book.deferred[u, idx, R_START] >= 0) & book.deferred_stored[u, idx]]
+        out.append((u, book.codes[at], book.deferred[u, at]))
+        book.deferred[u, at, R_START] = -1
+    book.lag[idx] = -1  # (its slow part changed: ``_write`` rewrites it)
+    return out
+
+
+def _load_lagging(conn: Connection, book: Book) -> None:
+    """``Book.deferred`` of the entities that lag by a minute no longer held (``Book.lag``):
+    the copies of the closed rows of the periods that minute lies in, widened by its row in
+    usage_rollups, where that changes them."""
+    every = np.arange(book.size)
+    lag = book.lag[: book.size]
+    at = every[(lag >= 0) & (lag != book.held[: book.size, R_START])]
+    if not at.size:
+        return
+    minutes = _copies(conn, book, 0, at, lag[at])
+    for u in range(1, len(UNITS)):
+        starts = period_starts(UNITS[u], lag[at])
+        closed = (starts != book.rows[u, at, R_START]) & (minutes[:, R_PEAK] >= 0)
+        idx, starts, minute = at[closed], starts[closed], minutes[closed]
+        stored = _copies(conn, book, u, idx, starts)
+        now = stored.copy()
+        found = stored[:, R_START] >= 0
+        widen(now, minute, found)
+        deferred = found & (now[:, R_EXTREMES] != stored[:, R_EXTREMES]).any(axis=1)
+        book.deferred[u, idx[deferred]] = now[deferred]
+        book.deferred_stored[u, idx[deferred]] = True
+
+
+def _copies(conn: Connection, book: Book, u: int, at: Ints, starts: Ints) -> Ints:
+    """The rows of unit index ``u`` of the entities ``at`` (indices, ascending) in the periods
+    beginning at ``starts``, as usage_rollups has them (``R_START`` -1 and no counted second
+    where it has none)."""
+    wanted = np.column_stack([*split(book.codes[at]), starts])
+    rows = bulk.select_matching(
+        conn, "usage_rollups", columns=ROW_COLUMNS, keys=("scope", "entity_id",
+        "period_start"), wanted=wanted, where=f"r.unit = {u + 1}",
+    )  # fmt: skip
+    stored = np.full((len(at), R_WIDTH), -1, dtype=np.int64)
+    pos = np.searchsorted(at, book.find(codes(rows[:, 0], rows[:, 1])))
+    stored[pos] = rows[:, 3:]
+    return stored
 
 
 def _coarse_rows(

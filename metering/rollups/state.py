@@ -1,14 +1,17 @@
 """``usage_state``: what the aggregator knows of each entity, in blocks of 64, in two parts.
 
-Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes):
+Per app and per account, ``FIELDS`` in order, each a big-endian int64 (320 bytes):
 
 - the state: the value held now and since when, the running totals since the entity was first
   seen (``fold.S_*``);
 - its latest minute row, whole (``fold.R_*``: its start, the values carried in and totals at
   its start, its extremes so far);
 - where its latest hour, day and month rows start;
+- ``lag``: the start of the minute whose row its closed hour, day and month rows (those of the
+  periods that minute lies in) may lack in ``usage_rollups``, until the aggregator settles
+  them, a share per cycle over the ten minutes after they close (-1: none; migration 0018);
 - and, for a while after a minute ends for the entity, the minute row that closed
-  (``HELD_ROW``, laid out as the minute row): 480 bytes instead of 312. The aggregator moves
+  (``HELD_ROW``, laid out as the minute row): 488 bytes instead of 320. The aggregator moves
   held rows to ``usage_rollups`` a share per cycle, so that a minute's first cycle, which
   closes every busy entity's minute row at once, does not also write them all there; a held
   row is the entity's, read with its other minute rows, until then.
@@ -16,10 +19,11 @@ Per app and per account, ``FIELDS`` in order, each a big-endian int64 (312 bytes
 ``usage_state`` (migration 0014) holds the entities of one scope whose ids share all but their
 low ``BLOCK_BITS`` bits (their ``block``: ``id >> BLOCK_BITS``) in two rows, one per part of
 their values: ``NOW``, what changes whenever the entity does (its state and its minute row's
-extremes, 21 fields), and ``ROWS``, what changes only when a row begins or a held row comes
-or goes (its minute row's start and start values, its coarser rows' starts, 18 fields, and
-the held row). Each row's ``packed`` is big-endian int64 words, stored as their byte planes
-(``planes``: every word's first byte, then every word's second, and so on; migration 0015):
+extremes, 21 fields), and ``ROWS``, what changes only when a row begins, a held row comes or
+goes or closed rows are settled (its minute row's start and start values, its coarser rows'
+starts and its lag, 19 fields, and the held row). Each row's ``packed`` is big-endian int64
+words, stored as their byte planes (``planes``: every word's first byte, then every word's
+second, and so on; migration 0015):
 
 - ``n``, the entities in it (1 to ``BLOCK``);
 - their ids, ascending;
@@ -66,7 +70,10 @@ _ROW = (
 STATE = ("conns", "ws", "channels", "since", "area", "ch_area", *COUNTERS)
 MINUTE_ROW = ("minute", *(f"minute_{c}" for c in _ROW))
 COARSER_STARTS = ("hour", "day", "month")
-FIELDS = (*STATE, *MINUTE_ROW, *COARSER_STARTS)
+# The start of a minute whose row the entity's closed hour, day and month rows (those of the
+# periods it lies in) may lack in usage_rollups: they are settled later (migration 0018).
+LAG = "lag"
+FIELDS = (*STATE, *MINUTE_ROW, *COARSER_STARTS, LAG)
 HELD_ROW = ("held", *(f"held_{c}" for c in _ROW))
 WIDTH = 8 * len(FIELDS)
 HELD_WIDTH = WIDTH + 8 * len(HELD_ROW)  # a row that holds a closed minute row
@@ -91,7 +98,8 @@ ROWS_COLUMNS = np.concatenate([_BASE[ROWS], _HELD_AT])  # the slow part, in ALL 
 # Where each part lies in a packed matrix's columns.
 STATE_COLUMNS = slice(0, len(STATE))
 MINUTE_COLUMNS = slice(len(STATE), len(STATE) + len(MINUTE_ROW))
-STARTS_COLUMNS = slice(len(STATE) + len(MINUTE_ROW), len(FIELDS))
+STARTS_COLUMNS = slice(len(STATE) + len(MINUTE_ROW), len(STATE) + len(MINUTE_ROW) + 3)
+LAG_COLUMN = len(FIELDS) - 1
 HELD_COLUMNS = slice(len(FIELDS), len(FIELDS) + len(HELD_ROW))
 
 
@@ -317,7 +325,7 @@ def as_mapping(blob: bytes) -> dict[str, Any]:
         out.update(dict.fromkeys(MINUTE_ROW))
     if out["held"] is not None and out["held"] < 0:
         out.update(dict.fromkeys(HELD_ROW))
-    for unit in COARSER_STARTS:
+    for unit in (*COARSER_STARTS, LAG):
         if out[unit] < 0:
             out[unit] = None
     return out
@@ -328,7 +336,7 @@ def pack(values: dict[str, int | None]) -> bytes:
     a ``held`` start, the held row too)."""
     held = values.get("held") is not None
     row = np.zeros(len(FIELDS) + (len(HELD_ROW) if held else 0), dtype=DTYPE)
-    for name in (*MINUTE_ROW[:1], "minute_peak", *COARSER_STARTS):
+    for name in (*MINUTE_ROW[:1], "minute_peak", *COARSER_STARTS, LAG):
         row[_AT[name]] = -1
     for name, value in values.items():
         if value is not None:

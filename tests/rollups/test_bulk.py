@@ -115,10 +115,11 @@ def test_entities_of_two_widths_share_a_block_and_read_back_each_as_written(
         found = {e: state.packed_of(conn, 1, e) for e in (1, 2, 5)}
         sizes = dict(conn.execute(text("SELECT part, length(packed) FROM usage_state")).all())
     # Per part: the count, 3 ids, 3 widths, each entity's fields of the part (21 that change
-    # whenever it does, 18 that change when a row begins), and the held row with the latter.
+    # whenever it does, 19 that change when a row begins or closed rows are settled), and the
+    # held row with the latter.
     assert sizes == {
         state.NOW: 8 * (1 + 2 * 3 + 3 * 21),
-        state.ROWS: 8 * (1 + 2 * 3 + 3 * 18 + len(HELD_ROW)),
+        state.ROWS: 8 * (1 + 2 * 3 + 3 * 19 + len(HELD_ROW)),
     }
     assert [len(found[e] or b"") for e in (1, 2, 5)] == [WIDTH, HELD_WIDTH, WIDTH]
     assert as_mapping(found[1] or b"")["held"] is None

@@ -31,9 +31,9 @@ from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups import query
 from metering.rollups import state as entity_state
-from metering.rollups.fold import ACCOUNT, APP, R_PEAK, period_start
+from metering.rollups.fold import ACCOUNT, APP, R_PEAK, UNIT_CODES, period_start
 from metering.rollups.periods import Unit, interval_id
-from metering.rollups.service import HELD_WITHIN, Aggregator
+from metering.rollups.service import HELD_WITHIN, SETTLE_WITHIN, Aggregator
 from tests.conftest import Env
 from tests.factories import Tenant, tenant
 from tests.scratch import REDIS_URL
@@ -94,16 +94,22 @@ def world(env: Env) -> Iterator[tuple[dict[str, Tenant], GlobalStore, Datacenter
 
 # Closed minute rows move from the state rows to usage_rollups: within HELD_WITHIN counted
 # seconds of their minute's end (the default); about one a cycle (due so late that each
-# cycle's share rounds up to one row); or only when the entity's next minute closes. The API
-# reads the rows still held from the state rows, and fresh aggregators (restarted workers)
-# load them.
+# cycle's share rounds up to one row); or only when the entity's next minute closes. Closed
+# hour, day and month rows with a copy that lag by their last minute are settled likewise:
+# within SETTLE_WITHIN (the default), one entity's a cycle, or only when the entity's rows
+# close again (here: never), so that readers widen them by that minute's row, from the state
+# row or, once it has moved, from usage_rollups. The API reads the rows still held from the
+# state rows, and fresh aggregators (restarted workers) load them.
 @pytest.mark.parametrize(
-    "held_within",
-    [HELD_WITHIN, 10**9, None],
-    ids=["moved-by-their-due-second", "one-a-cycle", "moved-when-the-next-closes"],
-)
+    ("held_within", "settle_within"),
+    [(HELD_WITHIN, SETTLE_WITHIN), (10**9, 10**9), (None, None), (HELD_WITHIN, None)],
+    ids=[
+        "moved-by-their-due-second", "one-a-cycle", "moved-when-the-next-closes",
+        "closed-rows-never-settled",
+    ],
+)  # fmt: skip
 def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a script)
-    world, held_within: int | None
+    world, held_within: int | None, settle_within: int | None
 ) -> None:
     apps, g, dc = world
     ids = {name: str(t.app_id) for name, t in apps.items()}
@@ -116,9 +122,12 @@ def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a scrip
     attached: dict[tuple[str, str], set[str]] = defaultdict(set)
     books = Books()
     prev_active: dict[str, set[str]] = {a: set() for a in ids}
-    aggregator = Aggregator(get_engine(), g, {"dc1": dc}, held_within=held_within)
+    aggregator = Aggregator(
+        get_engine(), g, {"dc1": dc}, held_within=held_within, settle_within=settle_within
+    )
     held_seen = 0
     deferred_seen = 0  # closed hour, day and month rows waiting for their held minute row
+    lag_seen = 0  # entities whose closed rows lag by a minute row no longer held
 
     for t in range(T0, T0 + DURATION):
         if t == CRASH_AT + 1:
@@ -199,11 +208,16 @@ def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a scrip
         if (t - T0) % 7 == 3 or t == T0 + DURATION - 1:
             if (t - T0) % 21 == 3:
                 # A fresh aggregator (a restarted worker) loads the held rows from Postgres.
-                aggregator = Aggregator(get_engine(), g, {"dc1": dc}, held_within=held_within)
+                aggregator = Aggregator(
+                    get_engine(), g, {"dc1": dc}, held_within=held_within,
+                    settle_within=settle_within,
+                )  # fmt: skip
             assert aggregator.run().committed
             held_seen = max(held_seen, len(_held_rows()))
             book = aggregator._loaded.book
             deferred_seen = max(deferred_seen, int((book.deferred[:, : book.size, 0] >= 0).sum()))
+            lag = book.lag[: book.size]
+            lag_seen = max(lag_seen, int(((lag >= 0) & (lag != book.held[: book.size, 0])).sum()))
             if held_within == HELD_WITHIN:  # none held past its due second
                 assert all(s + 60 + HELD_WITHIN > t for s in _held_rows()), t
             for name, counts in books.pending.items():
@@ -235,6 +249,15 @@ def test_rollups_match_figures_computed_independently(  # noqa: PLR0912 (a scrip
         assert deferred_seen > 0  # the hour's, day's and month's end deferred some rows
     if held_within is None:
         assert _held_rows()
+    narrower = _narrower_copies()
+    if settle_within is None and held_within is not None:
+        # Rows lagged by minute rows no longer held, and the API read them widened: their
+        # copies in usage_rollups alone would have given other figures.
+        assert lag_seen > 0
+        assert narrower > 0
+    elif settle_within is not None:  # all settled by now: the copies are whole
+        assert not (aggregator._loaded.book.lag >= 0).any()
+        assert narrower == 0
     with get_engine().connect() as conn:
         scopes, ids, values = entity_state.select(conn)
         at = values[:, entity_state.column("held")]
@@ -319,12 +342,55 @@ def _assert_a_fresh_aggregator_loads_the_same(
     held = book.held[order, 0] >= 0
     assert (loaded.held[: loaded.size, 0] >= 0).tolist() == held.tolist()
     assert (loaded.held[: loaded.size][held] == book.held[order][held]).all()
-    # The closed rows that wait for their held row to leave, rebuilt from it and their copy.
+    assert (loaded.lag[: loaded.size] == book.lag[order]).all()
+    # The closed rows that wait for their held row to leave or to be settled, rebuilt from
+    # their copy and the minute row they lag by (held, or in usage_rollups).
     deferred = book.deferred[:, order, 0] >= 0
     assert ((loaded.deferred[:, : loaded.size, 0] >= 0) == deferred).all()
     assert (loaded.deferred[:, : loaded.size][deferred] == book.deferred[:, order][deferred]).all()
     stored = book.deferred_stored[:, order][deferred]
     assert (loaded.deferred_stored[:, : loaded.size][deferred] == stored).all()
+
+
+def _narrower_copies() -> int:
+    """How many closed hour, day and month rows in usage_rollups lack what the minute row
+    their entity's state says they lag by (``fold.Book.lag``) holds: a higher peak, WebSocket
+    or channel peak, or a lower min or channel min."""
+    with get_engine().connect() as conn:
+        scopes, ids, values = entity_state.select(conn)
+        n = 0
+        for scope, entity, lag in zip(
+            scopes.tolist(),
+            ids.tolist(),
+            values[:, entity_state.column("lag")].tolist(),
+            strict=True,
+        ):
+            if lag < 0:
+                continue
+            minute = conn.execute(
+                text(
+                    "SELECT peak, min, ws_peak, ch_peak, ch_min FROM usage_rollups WHERE "
+                    "scope = :s AND entity_id = :e AND unit = 1 AND period_start = :p"
+                ),
+                {"s": scope, "e": entity, "p": lag},
+            ).first()
+            if minute is None:
+                continue
+            for unit in (Unit.HOUR, Unit.DAY, Unit.MONTH):
+                copy = conn.execute(
+                    text(
+                        "SELECT peak, min, ws_peak, ch_peak, ch_min FROM usage_rollups WHERE "
+                        "scope = :s AND entity_id = :e AND unit = :u AND period_start = :p"
+                    ),
+                    {"s": scope, "e": entity, "u": UNIT_CODES[unit],
+                     "p": period_start(unit, lag)},
+                ).first()  # fmt: skip
+                if copy is not None and (
+                    minute[0] > copy[0] or minute[1] < copy[1] or minute[2] > copy[2]
+                    or minute[3] > copy[3] or minute[4] < copy[4]
+                ):  # fmt: skip
+                    n += 1
+        return n
 
 
 def _held_rows() -> list[int]:

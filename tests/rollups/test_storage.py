@@ -23,13 +23,15 @@ from metering.core.migrate import alembic_config, upgrade
 from metering.gateway.sdk import Meter
 from metering.live.service import tick
 from metering.live.store import DatacenterStore, GlobalStore
-from metering.rollups import state
-from metering.rollups.fold import codes
+from metering.rollups import query, state
+from metering.rollups.fold import APP, UNIT_CODES, codes
 from metering.rollups.marks import Marks
+from metering.rollups.periods import Unit
 from metering.rollups.service import Aggregator, _values
-from metering.rollups.state import HELD_ROW, as_mapping, pack
+from metering.rollups.state import HELD_ROW
 from tests.conftest import Env
 from tests.factories import tenant
+from tests.rollups.seconds import Seconds
 from tests.scratch import REDIS_URL, scratch_database
 
 _HELD = [c.removeprefix("held_") for c in HELD_ROW[1:]]
@@ -38,6 +40,26 @@ _ROW_VALUES = _HELD  # a row's values after its start, as usage_rollups and the 
 
 def ints(*rows: object) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
+
+
+_LAG_AT = 8 * state.LAG_COLUMN  # where an entity's value holds its lag (migration 0018)
+
+
+def pack(values: dict[str, int | None]) -> bytes:
+    """An entity's value as migrations 0012 to 0017 lay it out: ``state.pack``'s without the
+    lag, which migration 0018 added."""
+    packed = state.pack(values)
+    return packed[:_LAG_AT] + packed[_LAG_AT + 8 :]
+
+
+def with_lag(packed: bytes, lag: int = -1) -> bytes:
+    """An entity's value of 0012 to 0017 as the code lays it out since 0018."""
+    return packed[:_LAG_AT] + lag.to_bytes(8, "big", signed=True) + packed[_LAG_AT:]
+
+
+def as_mapping(packed: bytes) -> dict[str, object]:
+    """An entity's value of 0012 to 0017 by name (``state.as_mapping``)."""
+    return state.as_mapping(with_lag(packed))
 
 
 def test_only_what_a_total_holds_beyond_its_mark_is_applied() -> None:
@@ -555,7 +577,7 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_two_rows_and_gives_each_i
             ).all()
             if dialect == "postgresql":  # out of line, never compressed
                 assert _packed_storage(conn) == ("e", "")
-        command.upgrade(cfg, "0015")  # (the code reads the blocks as 0015 stores them)
+        command.upgrade(cfg, "head")  # (the code reads the blocks as they are stored now)
         with engine.connect() as conn:
             scopes, ids, values = state.select(conn)
             one = {key: state.packed_of(conn, *key) for key in before}
@@ -574,10 +596,11 @@ def test_migration_0014_puts_64_entities_of_a_scope_in_two_rows_and_gives_each_i
             (2, 0, state.ROWS, 8 * (1 + 2 + slow + held)),
         ]
         assert list(zip(scopes.tolist(), ids.tolist(), strict=True)) == list(before)
-        assert one == before
-        for (scope, entity), row in zip(before, values, strict=True):  # as loaded
-            width = len(before[scope, entity]) // 8
-            assert row[:width].astype(">i8").tobytes() == before[scope, entity]
+        now_too = {key: with_lag(packed) for key, packed in before.items()}  # (0018: no lag)
+        assert one == now_too
+        for key, row in zip(before, values, strict=True):  # as loaded
+            width = len(now_too[key]) // 8
+            assert row[:width].astype(">i8").tobytes() == now_too[key]
             assert (row[width:] == -1).all()  # no held row: -1, as the aggregator has it
 
         command.downgrade(cfg, "0013")
@@ -661,6 +684,10 @@ def test_migration_0015_stores_the_blocks_as_byte_planes_compressed_and_back(
         held = expected[:, state.column("held")] >= 0
         expected[~held, len(state.FIELDS) :] = -1
         assert (got == expected).all()
+        # (The blocks are in the layout of the code, which writes them, not 0015's: the way
+        # up from there is migration 0018's test.)
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM usage_state"))
         command.upgrade(cfg, "head")
 
 
@@ -681,6 +708,7 @@ def test_migration_0016_writes_the_closed_rows_the_held_rows_complete_on_the_way
         row[state.column("minute")], row[state.column("minute_peak")] = hour, 1
         row[state.column("hour")], row[state.column("day")] = hour, month
         row[state.column("month")], row[state.column("held")] = month, held
+        row[state.column("lag")] = -1
         for name, v in {"peak": 50, "peak_at": held + 7, "min": 3, "ws_peak": 40,
                         "ch_peak": 9, "ch_min": 2, "conns0": 11, "pub_n0": 70}.items():  # fmt: skip
             row[state.column(f"held_{name}")] = v
@@ -820,3 +848,130 @@ def test_migration_0017_stores_the_marks_as_column_planes_compressed_and_back(
             Marks.unpack(before["fe-1#a"])
         command.upgrade(cfg, "head")
         assert stored(engine) == after
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_migration_0018_settles_what_lags_on_the_way_down_and_adds_the_lag_on_the_way_up(
+    dialect: str, tmp_path: Path
+) -> None:
+    """App 5's closed hour lags by the minute 00:59, whose row is in usage_rollups and no
+    longer held (it holds 01:00's): its copy lacks that minute's peak. Account 6 lags by the
+    minute it holds, and app 7 by none. The way down widens app 5's closed hour by its minute
+    row (and leaves its latest day and month rows, and account 6's, for the code before to
+    read with the held rows), and the blocks lose the lag field; the way up gives every entity
+    its value back, lagging by none."""
+    month = 1775001600  # 2026-04-01 00:00 UTC
+    figures = [c.removeprefix("held_") for c in HELD_ROW[1:]]
+    values = np.zeros((3, state.ALL), dtype=np.int64)
+    for i, lag in enumerate((month + 3540, month + 3600, -1)):
+        row = values[i]
+        row[state.column("minute")], row[state.column("minute_peak")] = month + 3660, 1
+        row[state.column("hour")], row[state.column("day")] = month + 3600, month
+        row[state.column("month")], row[state.column("held")] = month, month + 3600
+        row[state.column("held_peak")], row[state.column("lag")] = 4, lag
+    copy = {"scope": 1, "entity_id": 5, "unit": 2, "period_start": month,
+            **dict.fromkeys(figures, 0), "peak": 10, "peak_at": month + 5, "min": 1,
+            "ws_peak": 10, "ch_peak": 20, "ch_min": 1}  # fmt: skip
+    minute = {**copy, "unit": 1, "period_start": month + 3540, "peak": 50,
+              "peak_at": month + 3547, "min": 3, "ws_peak": 40, "ch_peak": 9,
+              "ch_min": 2}  # fmt: skip
+    columns = list(copy)
+    key = ("scope", "entity_id", "unit", "period_start")
+    with _migrated(dialect, tmp_path, "head") as (cfg, engine):
+        with engine.begin() as conn:
+            state.write(conn, ints(1, 2, 1), ints(5, 6, 7), values)
+            for row in (copy, minute):
+                conn.execute(
+                    text(
+                        f"INSERT INTO usage_rollups ({', '.join(columns)}) "
+                        f"VALUES ({', '.join(':' + c for c in columns)})"
+                    ),
+                    row,
+                )
+        command.downgrade(cfg, "0017")
+        with engine.connect() as conn:
+            found = conn.execute(
+                text(
+                    f"SELECT {', '.join(columns)} FROM usage_rollups "
+                    "ORDER BY scope, entity_id, unit"
+                )
+            ).all()
+            blocks = conn.execute(
+                text("SELECT scope, packed FROM usage_state WHERE part = 1 ORDER BY scope")
+            ).all()
+        widened = {**copy, "peak": 50, "peak_at": month + 3547, "ws_peak": 40}
+        assert [r._asdict() for r in found] == [minute, widened]
+        # 0017's slow part: 18 fields an entity, then the held rows (21 values each).
+        for scope, packed in blocks:
+            words = np.frombuffer(state.words(bytes(packed)), dtype=">i8").tolist()
+            n = words[0]
+            assert words[1 + n : 1 + 2 * n] == [18 + 21] * n, scope
+            assert len(words) == 1 + 2 * n + (18 + 21) * n
+        assert [k for k in columns if widened[k] != copy[k]] == ["peak", "peak_at", "ws_peak"]
+        assert all(widened[k] == minute[k] for k in key[:2])
+
+        command.upgrade(cfg, "0018")
+        with engine.connect() as conn:
+            scopes, ids, got = state.select(conn)
+        assert list(zip(scopes.tolist(), ids.tolist(), strict=True)) == [(1, 5), (1, 7), (2, 6)]
+        expected = values[[0, 2, 1]]
+        expected[:, state.column("lag")] = -1
+        assert (got == expected).all()
+
+
+def test_closed_rows_not_settled_are_settled_when_the_entity_closes_rows_again(env: Env) -> None:
+    """Closed rows wait to be settled (``Book.lag``; here, never by share): an app's 23:00 hour
+    and its day close lagging by 23:59 (a new peak, 3, then), and their copies in usage_rollups
+    say 1. When its 00:00 hour closes lagging by 00:59 (a new peak, 5), the hour and the day
+    before are settled in that cycle (their copies say 3), and the 00:00 hour's copy lacks the
+    5 (it says 3): every hour and day reads whole."""
+    t = tenant("stats")
+    client = redis.Redis.from_url(REDIS_URL)
+    g, dc = GlobalStore(client, env.prefix), DatacenterStore(client, env.prefix, "dc1")
+    meter = Meter(dc, "fe-l", liveness_timeout=10**6)
+    app = str(t.app_id)
+    midnight = 1_800_000_000 - 1_800_000_000 % 86_400  # 2027-01-15, not a month's first day
+    aggregator = Aggregator(get_engine(), g, {"dc1": dc}, settle_within=None)
+
+    at = Seconds(app, meter, g, dc, aggregator).at
+
+    def copies(unit: Unit) -> dict[int, int]:
+        with get_engine().connect() as conn:
+            found = conn.execute(
+                text(
+                    "SELECT period_start, peak FROM usage_rollups WHERE scope = 1 "
+                    "AND entity_id = :e AND unit = :u"
+                ),
+                {"e": t.app_id, "u": UNIT_CODES[unit]},
+            )
+            return dict(found.all())
+
+    def peaks(unit: Unit) -> dict[str, int]:
+        with get_engine().connect() as conn:
+            q = query.Query(APP, t.app_id, unit, limit=10)
+            return {e["intervalId"]: e["connections.all.peak"] for e in query.periods(conn, q)}
+
+    def lag() -> int:
+        with get_engine().connect() as conn:
+            _, ids, values = state.select(conn, f"scope = 1 AND block = {t.app_id >> 6}")
+        return int(values[ids == t.app_id, state.LAG_COLUMN][0])
+
+    at(midnight - 110, opened=1)
+    at(midnight - 50, opened=1)
+    at(midnight - 20, opened=1)  # 23:59:40: 3
+    at(midnight + 5, closed=1)  # 00:00:05: the 23:00 hour and the day close, lagging by 23:59
+    at(midnight + 60)  # 23:59's row has left the state row
+    day, hour = midnight - 86_400, midnight - 3600
+    assert (copies(Unit.HOUR)[hour], copies(Unit.DAY)[day]) == (1, 1)
+    assert lag() == midnight - 60
+    assert peaks(Unit.HOUR) == {"2027-01-14:23": 3, "2027-01-15:00": 2}
+    assert peaks(Unit.DAY) == {"2027-01-14": 3, "2027-01-15": 2}
+    at(midnight + 1810, opened=1)  # 00:30:10: 3 (00:00's row leaves: its hour is written)
+    at(midnight + 3570, opened=2)  # 00:59:30: 5
+    at(midnight + 3605, closed=1)  # 01:00:05: the 00:00 hour closes, lagging by 00:59
+    assert copies(Unit.HOUR) == {hour: 3, midnight: 3}
+    assert copies(Unit.DAY)[day] == 3
+    assert lag() == midnight + 3540
+    assert peaks(Unit.HOUR) == {"2027-01-14:23": 3, "2027-01-15:00": 5, "2027-01-15:01": 4}
+    assert peaks(Unit.DAY) == {"2027-01-14": 3, "2027-01-15": 5}
+    client.close()
