@@ -455,7 +455,8 @@ class Folder:
     def _touch(self, idx: Ints, second: int, changing: Mask) -> None:
         """Make sure the entities have a row for each period containing ``second``."""
         book, cov, s = self.book, self.coverage, self.book.state
-        for u, start in enumerate(self.starts(second)):
+        starts = self.starts(second)
+        for u, start in enumerate(starts):
             rows = book.rows[u]
             rolling = rows[idx, R_START] != start
             if not rolling.any():
@@ -464,6 +465,10 @@ class Folder:
                 # are of the periods containing ``second`` too (only the entities that began a
                 # period of one unit are looked at for the next).
                 return
+            # The same entities begin a period with the same start as in the finer unit (at
+            # an hour's start, its hour and its minute; at a month's, all four): the row just
+            # begun there is this one too, start values and carried extremes alike.
+            like_finer = u > 0 and starts[u - 1] == start and bool(rolling.all())
             ir = idx = idx[rolling]
             changing = changing[rolling]
             # The rows this closes: all minute rows (they were only ever in the state) and
@@ -477,6 +482,12 @@ class Folder:
                 since, stored = book.unsynced[u, done], book.stored[u, done]
             if done.size:
                 self.closed.append(Closed(u, book.codes[done], rows[done], since, stored))
+            if like_finer:
+                rows[ir] = book.rows[u - 1, ir]
+                book.stored[u, ir] = False
+                book.unsynced[u, ir] = -1
+                self._changed(u, ir, second)
+                continue
             n = cov.covered_since(s[ir, S_SINCE], start)
             new = np.zeros((len(ir), R_WIDTH), dtype=np.int64)
             new[:, R_START] = start
