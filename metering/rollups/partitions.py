@@ -50,8 +50,12 @@ class Split:
 # The units split by time. Minute rows: a week ahead, not months: a read's "next row" statement
 # plans and opens every partition after its start (bench/partitions.py, read).
 SPLITS: dict[Unit, Split] = {Unit.MINUTE: Split(Unit.DAY, 7), Unit.HOUR: Split(Unit.MONTH, 2)}
-# As the table had (migration 0002): room in each page keeps a period's updates HOT.
-FILLFACTOR = 85
+# Room left in each page, per unit (migration 0019). Hour, day and month rows are rewritten
+# as their periods' extremes widen, at the start of a period all of a busy world's at once: a
+# page filled to half has room for a new version of every row in it, so that each update
+# stays HOT (the new version on the same page, no new index entry) and pages are pruned of
+# the old ones as they are read. Minute rows are written once and never updated: full pages.
+FILLFACTOR: dict[Unit, int] = {Unit.MINUTE: 100, Unit.HOUR: 50, Unit.DAY: 50, Unit.MONTH: 50}
 # pg_advisory_xact_lock key: one creator or dropper of partitions at a time.
 LOCK_KEY = 0x726F6C6C757073  # "rollups"
 _BOUND = re.compile(r"FOR VALUES FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
@@ -191,7 +195,7 @@ def _create(conn: Connection, unit: Unit, start: datetime) -> None:
         )
     conn.exec_driver_sql(
         f"CREATE TABLE IF NOT EXISTS {table} PARTITION OF {parent(unit)} "
-        f"FOR VALUES FROM ({lo}) TO ({hi}) WITH (fillfactor = {FILLFACTOR})"
+        f"FOR VALUES FROM ({lo}) TO ({hi}) WITH (fillfactor = {FILLFACTOR[unit]})"
     )
     if waiting:
         conn.exec_driver_sql(f"INSERT INTO {table} SELECT * FROM _moving_{TABLE}")  # noqa: S608

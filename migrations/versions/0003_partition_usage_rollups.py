@@ -45,7 +45,7 @@ def upgrade() -> None:
     op.execute(
         "CREATE INDEX ix_usage_rollups_unit_period_start ON usage_rollups (unit, period_start)"
     )
-    ff = f"WITH (fillfactor = {partitions.FILLFACTOR})"
+    ff = "WITH (fillfactor = 85)"  # (as the table had, migration 0002; 0019 changed it)
     for unit, code in (("minute", 1), ("hour", 2)):
         op.execute(
             f"CREATE TABLE usage_rollups_{unit} PARTITION OF usage_rollups FOR VALUES IN ({code}) "

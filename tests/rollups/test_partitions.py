@@ -406,3 +406,41 @@ def test_on_sqlite_nothing_is_partitioned_and_retention_deletes(tmp_path: Path) 
         rows = conn.exec_driver_sql("SELECT unit, period_start FROM usage_rollups").all()
     assert sorted(rows) == [(1, T), (3, T - 1000 * DAY)]
     engine.dispose()
+
+
+def test_migration_0019_leaves_room_for_updates_of_coarser_rows_and_none_in_minute_pages() -> None:
+    """Every table that holds rows: the minute partitions full (100), the hour partitions and
+    the day and month tables half (50); a partition made later gets its unit's; the downgrade
+    gives all of them 85 again."""
+
+    def fillfactors(conn: Connection) -> dict[str, int]:
+        found = conn.execute(
+            text(
+                "SELECT relid::regclass::text, (SELECT option_value FROM "
+                "pg_options_to_table(c.reloptions) WHERE option_name = 'fillfactor') "
+                "FROM pg_partition_tree('usage_rollups') JOIN pg_class c ON c.oid = relid "
+                "WHERE isleaf"
+            )
+        )
+        return {table: int(ff) for table, ff in found.all()}
+
+    def unit_of(table: str) -> str:
+        return table.split("_")[2]
+
+    with scratch_database("fill") as url:
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                now = fillfactors(conn)
+                partitions.ensure(conn, T, covering={Unit.MINUTE: [T], Unit.HOUR: [T]})
+                later = fillfactors(conn)
+            made = {"usage_rollups_minute_20300315", "usage_rollups_hour_203003"}
+            assert made <= set(later) - set(now)
+            want = {"minute": 100, "hour": 50, "day": 50, "month": 50}
+            assert {t: want[unit_of(t)] for t in later} == later
+            assert {unit_of(t) for t in later} == set(want)
+            command.downgrade(alembic_config(url), "0018")
+            with engine.connect() as conn:
+                assert set(fillfactors(conn).values()) == {85}
+        finally:
+            engine.dispose()
