@@ -3,20 +3,21 @@
 The design says "bulk upserts: multi-row VALUES, unnest, or COPY into a staging table: measure
 and pick". The aggregator rewrites every busy entity's state in ``usage_state`` every cycle.
 Since migration 0012 an entity's state is the 39 values of ``metering.rollups.state.FIELDS``
-(the state, the latest minute row whole, the latest hour, day and month rows' starts), each a
-big-endian int64 (312 bytes), packed in one ``bytea``; since migration 0014 ``usage_state``
-is ``(scope, part, block, packed)``: the entities of one scope whose ids share all but their
-low ``state.BLOCK_BITS`` bits (up to 64) in two rows, one per part of their values, each
-``packed`` their count, ids and widths, then each one's fields of the part (``state.encode``),
-stored out of line uncompressed (``STORAGE EXTERNAL``). Part ``state.NOW`` (0) is what changes
-whenever the entity does: the state and the minute row's extremes, 21 fields, the very values
-of ``COLUMNS`` below; part ``state.ROWS`` (1) what changes only when a row begins: the minute
-row's start and start values and the hour, day and month starts, 18 fields (and a held minute
-row, none here). It was 23 columns (the keys, the state, the minute row's extremes), with the
-rest in ``usage_starts``, rewritten at every minute in a second UPDATE. Packed, because on
-Postgres an UPDATE costs per column written, whether it changed or not: measured elsewhere on
-120 000 rows, 21 bigint columns took 450 ms and 42 took 700 ms, one ``bytea`` of 21 values
-300 ms and of 42 values 375 ms; in blocks, because it also costs per row rewritten.
+(40 since migration 0018 added its lag: the state, the latest minute row whole, the latest
+hour, day and month rows' starts), each a big-endian int64 (312 bytes, then 320), packed in one
+``bytea``; since migration 0014 ``usage_state`` is ``(scope, part, block, packed)``: the
+entities of one scope whose ids share all but their low ``state.BLOCK_BITS`` bits (up to 64) in
+two rows, one per part of their values, each ``packed`` their count, ids and widths, then each
+one's fields of the part (``state.encode``), stored out of line uncompressed (``STORAGE
+EXTERNAL``). Part ``state.NOW`` (0) is what changes whenever the entity does: the state and the
+minute row's extremes, 21 fields, the very values of ``COLUMNS`` below; part ``state.ROWS`` (1)
+what changes only when a row begins: the minute row's start and start values and the hour, day
+and month starts, 18 fields (19 with the lag; and a held minute row, none here). It was 23
+columns (the keys, the state, the minute row's extremes), with the rest in ``usage_starts``,
+rewritten at every minute in a second UPDATE. Packed, because on Postgres an UPDATE costs per
+column written, whether it changed or not: measured elsewhere on 120 000 rows, 21 bigint
+columns took 450 ms and 42 took 700 ms, one ``bytea`` of 21 values 300 ms and of 42 values 375
+ms; in blocks, because it also costs per row rewritten.
 
 So this measures the four ways of writing the column-shaped table, and the production write of
 the blocks, on the same entities. In one scratch database built by the migrations:
