@@ -434,8 +434,24 @@ class Folder:
         book.dirty_state[idx] = True
         # A coarser row's extremes contain its finer rows' (the hour's range holds the minute's):
         # a value that moves no minute extreme moves no hour, day or month one either.
+        rows = book.rows
         for u in range(len(UNITS)):
-            moved = self._include(u, idx, conns, ws, channels, second)
+            # A row whose period starts where the finer unit's does (at an hour's start, the
+            # hour and its first minute) began with the same event and has had the same counted
+            # seconds: its extremes are the finer row's, and move with them (``idx`` moved there).
+            like = rows[u, idx, R_START] == rows[u - 1, idx, R_START] if u else None
+            if like is not None and like.all():
+                rows[u, idx, R_EXTREMES] = rows[u - 1, idx, R_EXTREMES]
+                moved = np.ones(len(idx), dtype=np.bool_)
+            elif like is not None and like.any():
+                moved = like.copy()
+                alike, other = idx[like], ~like
+                rows[u, alike, R_EXTREMES] = rows[u - 1, alike, R_EXTREMES]
+                moved[other] = self._include(
+                    u, idx[other], conns[other], ws[other], channels[other], second
+                )
+            else:
+                moved = self._include(u, idx, conns, ws, channels, second)
             if not moved.any():
                 break
             self._changed(u, idx[moved], second)

@@ -589,8 +589,12 @@ class Aggregator:
         differs = np.ones(book.size, dtype=np.bool_)
         differs[: len(stored)] = (values[: len(stored), state.ROWS_COLUMNS] != stored).any(axis=1)
         now_idx = np.union1d(idx, np.arange(len(stored), book.size))
-        state.write(conn, *_blocks_of(book, now_idx, values), parts=(state.NOW,))
-        state.write(conn, *_blocks_of(book, np.flatnonzero(differs), values), parts=(state.ROWS,))
+        now_blocks = _blocks_of(book, now_idx, values)
+        rows_idx = np.flatnonzero(differs)  # (at a minute's start, the same entities: once)
+        same = np.array_equal(rows_idx, now_idx)
+        state.write(conn, *now_blocks, parts=(state.NOW,))
+        state.write(conn, *(now_blocks if same else _blocks_of(book, rows_idx, values)),
+                    parts=(state.ROWS,))  # fmt: skip
         loaded.stored_rows = values
         for block, new in ((inserted, True), (merged, False)):
             bulk.upsert_array(
