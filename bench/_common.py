@@ -101,6 +101,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+MERGE = (
+    "peak_at = CASE WHEN excluded.peak > t.peak THEN excluded.peak_at ELSE t.peak_at END, "
+    "peak = GREATEST(t.peak, excluded.peak), min = LEAST(t.min, excluded.min), "
+    "ws_peak = GREATEST(t.ws_peak, excluded.ws_peak), "
+    "ch_peak = GREATEST(t.ch_peak, excluded.ch_peak), ch_min = LEAST(t.ch_min, excluded.ch_min)"
+)  # the aggregator's merge of usage_rollups (service._ROW_MERGE)
+
+
 def copy_and_merge(
     conn: psycopg.Connection[Any],
     table: str,

@@ -83,6 +83,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from bench._common import (
+    MERGE,
     REDIS_URL,
     copy_and_merge,
     exit_on_sigterm,
@@ -123,12 +124,6 @@ SWING = 30
 # month (``new_month_cycle``).
 LAST_PEAK = 30
 TIMEOUT = 3600.0  # liveness: no frontend is reaped during the run
-MERGE = (
-    "peak_at = CASE WHEN excluded.peak > t.peak THEN excluded.peak_at ELSE t.peak_at END, "
-    "peak = GREATEST(t.peak, excluded.peak), min = LEAST(t.min, excluded.min), "
-    "ws_peak = GREATEST(t.ws_peak, excluded.ws_peak), "
-    "ch_peak = GREATEST(t.ch_peak, excluded.ch_peak), ch_min = LEAST(t.ch_min, excluded.ch_min)"
-)  # the aggregator's merge of usage_rollups (service._ROW_MERGE)
 
 
 def progress(message: str) -> None:

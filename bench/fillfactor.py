@@ -29,7 +29,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from bench._common import exit_on_sigterm, row, scratch_database
+from bench._common import MERGE, exit_on_sigterm, row, scratch_database
 from metering.rollups.service import ROW_COLUMNS
 
 BASELINE = 85
@@ -37,12 +37,6 @@ UNITS = (2, 3, 4)
 CYCLES = 10
 COLUMNS = ", ".join(ROW_COLUMNS)
 KEY = "scope, entity_id, unit, period_start"
-MERGE = (
-    "peak_at = CASE WHEN excluded.peak > t.peak THEN excluded.peak_at ELSE t.peak_at END, "
-    "peak = GREATEST(t.peak, excluded.peak), min = LEAST(t.min, excluded.min), "
-    "ws_peak = GREATEST(t.ws_peak, excluded.ws_peak), "
-    "ch_peak = GREATEST(t.ch_peak, excluded.ch_peak), ch_min = LEAST(t.ch_min, excluded.ch_min)"
-)  # the aggregator's merge of usage_rollups (service._ROW_MERGE)
 STARTS = (1_000, 5_000, 9_000)  # two earlier periods, then the current one
 
 
