@@ -440,18 +440,16 @@ class Folder:
             # hour and its first minute) began with the same event and has had the same counted
             # seconds: its extremes are the finer row's, and move with them (``idx`` moved there).
             like = rows[u, idx, R_START] == rows[u - 1, idx, R_START] if u else None
-            if like is not None and like.all():
-                rows[u, idx, R_EXTREMES] = rows[u - 1, idx, R_EXTREMES]
-                moved = np.ones(len(idx), dtype=np.bool_)
-            elif like is not None and like.any():
-                moved = like.copy()
-                alike, other = idx[like], ~like
-                rows[u, alike, R_EXTREMES] = rows[u - 1, alike, R_EXTREMES]
-                moved[other] = self._include(
-                    u, idx[other], conns[other], ws[other], channels[other], second
-                )
-            else:
+            if like is None or not like.any():
                 moved = self._include(u, idx, conns, ws, channels, second)
+            else:
+                moved = like.copy()
+                rows[u, idx[like], R_EXTREMES] = rows[u - 1, idx[like], R_EXTREMES]
+                other = ~like
+                if other.any():
+                    moved[other] = self._include(
+                        u, idx[other], conns[other], ws[other], channels[other], second
+                    )
             if not moved.any():
                 break
             self._changed(u, idx[moved], second)

@@ -160,7 +160,7 @@ def _lag_row(conn: Connection, query: Query, state: Any) -> dict[str, Any] | Non
 
 
 def _with_state(  # noqa: PLR0917 (internal)
-    unit: Unit, rows: list[Any], nxt: Any, state: Any, lo: int, hi: int, lag: Any = None
+    unit: Unit, rows: list[Any], nxt: Any, state: Any, lo: int, hi: int, lag: Any
 ) -> tuple[list[Any], Any]:
     """The rows in [lo, hi) and the next one with what the entity's state row adds: its minute
     rows not in usage_rollups (the closed one it holds, then its latest) are rows of their
@@ -501,7 +501,7 @@ def _month_rows_with_state(  # noqa: PLR0917 (internal)
     month_start: int,
     rows: npt.NDArray[np.int64],
     nxt: npt.NDArray[np.int64],
-    lagging: npt.NDArray[np.int64] | None = None,
+    lagging: npt.NDArray[np.int64],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The entities' month rows of the month (``rows``: the id, then the row) and their next
     month rows (``nxt``) with what their state rows add (``entity`` ids, sorted, and their
@@ -518,7 +518,7 @@ def _month_rows_with_state(  # noqa: PLR0917 (internal)
         stored = np.full((len(entity), R_WIDTH), -1, np.int64)
         found = np.zeros(len(entity), np.bool_)
         stored[at[has_state]], found[at[has_state]] = table[has_state, 1:], True
-        if table is rows and lagging is not None and len(lagging):
+        if table is rows and len(lagging):
             lag = np.full((len(entity), R_WIDTH), -1, np.int64)
             lag[np.searchsorted(entity, lagging[:, 0])] = lagging[:, 1:]
             widen(stored, lag, found)

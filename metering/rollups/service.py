@@ -647,15 +647,7 @@ class Aggregator:
         if closed:
             movable[latest] = due_at[latest] <= now
         candidates = np.flatnonzero(movable)
-        counted_from = now - 1 if before is None else before
-        # Each row's share of what is left to move by its due second, counted this cycle.
-        left = np.maximum(due_at[candidates] - counted_from, 1)
-        budget = int(np.ceil(np.minimum((now - counted_from) / left, 1.0).sum() - 1e-9))
-        if budget < len(candidates):
-            # Oldest first, then by scope and id: the rows that move lie in as few
-            # usage_state blocks as can be, and only those blocks' slow part is rewritten.
-            scopes, ids = split(book.codes[candidates])
-            candidates = candidates[np.lexsort((ids, scopes, due_at[candidates]))[:budget]]
+        candidates = _due_share(book, candidates, due_at[candidates], before, now)
         out.append((0, book.codes[candidates], book.held[candidates]))
         leaving.append(candidates)
         book.held[candidates, R_START] = -1
@@ -805,12 +797,11 @@ def _closing(book: Book, closed: list[Closed]) -> Parts:
     An entity whose rows closed before and are not settled yet (``Book.lag``: an entity idle
     since, or settling far behind) has those written now: it lags by one minute at most."""
     out: Parts = []
-    coarse = [c for c in closed if c.unit != 0]
+    coarse = [(c, book.find(c.codes)) for c in closed if c.unit != 0]
     if coarse:
-        idx = book.find(np.concatenate([c.codes for c in coarse]))
+        idx = np.concatenate([i for _, i in coarse])
         out += _settled(book, np.unique(idx[book.lag[idx] >= 0]))
-    for c in coarse:
-        idx = book.find(c.codes)
+    for c, idx in coarse:
         held = book.held[idx, R_START]
         defer = (c.since == held) & (c.stored | (c.rows[:, R_START] == held))
         out.append((c.unit, c.codes[~defer], c.rows[~defer]))
@@ -830,21 +821,29 @@ def _settle(book: Book, within: int | None, before: int | None, now: int | None)
     merge, once the row of the minute they lag by has left the state row: each entity's are
     due ``within`` counted seconds after that minute's end, and this cycle settles the share
     of the time left until then that it counted (oldest first, then block by block; every
-    entity past due), as ``_minute_rows`` moves held rows."""
+    entity past due; ``_due_share``), as ``_minute_rows`` moves held rows."""
     if within is None or now is None:
         return []
     lag = book.lag[: book.size]
     lagging = np.flatnonzero((lag >= 0) & (lag != book.held[: book.size, R_START]))
     if not lagging.size:
         return []
-    due_at = book.lag[lagging] + 60 + within
+    return _settled(book, _due_share(book, lagging, lag[lagging] + 60 + within, before, now))
+
+
+def _due_share(book: Book, candidates: Ints, due_at: Ints, before: int | None, now: int) -> Ints:
+    """Of the entities ``candidates``, each due at the counted second ``due_at``, those this
+    cycle (the seconds after ``before`` through ``now``) takes: each one's share of the time
+    left until it is due that the cycle counted, summed and rounded up, every one past due
+    among them. Oldest first, then by scope and id: they lie in as few usage_state blocks as
+    can be, and only those blocks' slow part is rewritten."""
     counted_from = now - 1 if before is None else before
     left = np.maximum(due_at - counted_from, 1)
     budget = int(np.ceil(np.minimum((now - counted_from) / left, 1.0).sum() - 1e-9))
-    if budget < lagging.size:
-        scopes, ids = split(book.codes[lagging])
-        lagging = lagging[np.lexsort((ids, scopes, due_at))[:budget]]
-    return _settled(book, lagging)
+    if budget >= len(candidates):
+        return candidates
+    scopes, ids = split(book.codes[candidates])
+    return candidates[np.lexsort((ids, scopes, due_at))[:budget]]
 
 
 def _settled(book: Book, idx: Ints) -> Parts:

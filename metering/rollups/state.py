@@ -98,7 +98,9 @@ ROWS_COLUMNS = np.concatenate([_BASE[ROWS], _HELD_AT])  # the slow part, in ALL 
 # Where each part lies in a packed matrix's columns.
 STATE_COLUMNS = slice(0, len(STATE))
 MINUTE_COLUMNS = slice(len(STATE), len(STATE) + len(MINUTE_ROW))
-STARTS_COLUMNS = slice(len(STATE) + len(MINUTE_ROW), len(STATE) + len(MINUTE_ROW) + 3)
+STARTS_COLUMNS = slice(
+    len(STATE) + len(MINUTE_ROW), len(STATE) + len(MINUTE_ROW) + len(COARSER_STARTS)
+)
 LAG_COLUMN = len(FIELDS) - 1
 HELD_COLUMNS = slice(len(FIELDS), len(FIELDS) + len(HELD_ROW))
 
