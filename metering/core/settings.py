@@ -21,7 +21,7 @@ POSITIVE_DURATIONS = (
     "aggregate_interval", "retention_interval", "limits_refresh_interval",
     "alert_webhook_timeout", "smtp_timeout", "alert_retry_base", "alert_retry_max",
     "alert_sweep_interval", "admission_refresh_interval", "admission_stale_after",
-    "billing_close_interval",
+    "billing_close_interval", "gateway_ws_ping_interval", "gateway_ws_ping_timeout",
 )  # fmt: skip
 OTHER_DURATIONS = (
     "registry_refresh_interval", "key_cache_ttl", "count_cache_ttl", "billing_grace",
@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8001
     gateway_frontend_id: str = "gw-1"
+    # A gateway pings each WebSocket client this often and closes it (1011) when the pong takes
+    # longer than the timeout: a client gone without a word frees its slot.
+    gateway_ws_ping_interval: timedelta = timedelta(seconds=20)
+    gateway_ws_ping_timeout: timedelta = timedelta(seconds=20)
     max_message_bytes: int = 64 * 1024
     max_channel_length: int = 256
     max_channels_per_connection: int = 200
