@@ -37,6 +37,7 @@ def tick() -> dict[str, Any]:
         liveness_timeout=settings.liveness_timeout.total_seconds(),
         sample_retention=settings.sample_retention,
     )
+    _refill_if_emptied(settings)
     alerts = 0
     if result.committed:
         # Within the second: the concurrent metrics' levels, and the live counts gateways
@@ -48,6 +49,35 @@ def tick() -> dict[str, Any]:
         "apps": result.apps_changed,
         "alerts": alerts,
     }
+
+
+# Seconds a refill request holds its claim: one request while the syncs run, another if lost.
+REFILL_CLAIM = 10.0
+REFILLS = ("metering.accounts.sync_registry", "metering.limits.sync_admission")
+
+
+def _refill_if_emptied(settings: Settings) -> None:
+    """Ask for the registry and admission mirrors to be rewritten when Redis lost them (it
+    restarted empty): gateways keep their last copies meanwhile, but cannot learn of a new
+    app, and every second the tick sees this is a second sooner than the periodic sync."""
+    store = RegistryStore(redis_clients.primary(), settings.redis_prefix)
+    if store.complete() or not store.claim_refill(REFILL_CLAIM):
+        return
+    log.warning("registry.mirror_lost", hint="Redis lost the registry copy: refilling it now")
+    run_elsewhere(REFILLS)
+
+
+def run_elsewhere(tasks: tuple[str, ...]) -> None:
+    """Run jobs by name off this one: a Celery task each; in the embedded engine, a thread."""
+    if get_settings().embedded:
+        threading.Thread(
+            target=lambda: [JOBS[t]() for t in tasks], name="refill", daemon=True
+        ).start()
+        return
+    from workers.celeryapp import app  # noqa: PLC0415 (the Celery app imports the jobs' module)
+
+    for task in tasks:
+        app.send_task(task)
 
 
 T = TypeVar("T")

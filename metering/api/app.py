@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reuse=settings.count_cache_ttl.total_seconds(),
         )
         # GET /v1/admission answers from these copies, kept current by their own threads.
-        registry, admission = build_registry(settings), build_admission(settings)
+        registry = build_registry(settings)
+        admission = build_admission(settings, registry)
         await asyncio.to_thread(registry.start)
         await asyncio.to_thread(admission.start)
         app.state.registry, app.state.admission = registry, admission

@@ -26,11 +26,11 @@ from metering.accounts.schemas import KeyInfo
 from metering.api.auth import API_KEY_HEADER, API_KEY_PARAMETER, authorize, key_with
 from metering.api.envelope import ok, only_parameters
 from metering.core.database import unit_of_work
-from metering.core.errors import NotFoundError, ValidationError
+from metering.core.errors import NotFoundError, UnavailableError, ValidationError
 from metering.core.ids import is_id
 from metering.core.logging import get_logger
-from metering.gateway.admission import Admission, Refusal
-from metering.gateway.registry import AppRegistry, valid_app_id
+from metering.gateway.admission import Admission, Check, Refusal
+from metering.gateway.registry import AppRegistry, RegistryUnavailable, valid_app_id
 from metering.limits import staff
 from metering.limits.repository import AdmissionRow
 
@@ -349,12 +349,27 @@ _ADMISSION_QUERY = [
 ]
 
 
+async def _account(registry: AppRegistry, app: str) -> int:
+    # Known apps from memory without a coroutine; a miss asks Redis (once, shared).
+    account = registry.known(app)
+    if account is None:
+        try:
+            account = await registry.resolve(app)
+        except RegistryUnavailable as exc:
+            raise UnavailableError(str(exc), code="REGISTRY_UNAVAILABLE") from None
+    if account is None:
+        raise NotFoundError(f"unknown app {app}", code="APP_NOT_FOUND")
+    return account
+
+
 @admission_router.get(
     "/v1/admission",
     summary="May an app connect, attach or publish now?",
     description=(
         "For gateways not written in Python: the account's limits as gateways enforce them, "
-        "answered from this process's copy (no database or Redis round trip). `allowed` "
+        "answered from this process's copy (no database or Redis round trip) unless the "
+        "copy cannot rule a refusal in or out: then from a fresh read of the frontends' "
+        "counts, so that nothing is refused below the hard limit. `allowed` "
         "false carries a stable `code` (40111 connections, 40114 channels, 40112 messages, "
         "50310 limits unreadable), a `reason` and, where the refusal has a known end, "
         "`retryAfter` in seconds. An allowed connect or attach is counted against the "
@@ -379,14 +394,17 @@ async def admission(request: Request) -> Response:
     app = params.get("app", "")
     if not valid_app_id(app):
         raise ValidationError(f"app must be an app id (digits), got {app[:64]!r}")
-    registry: AppRegistry = request.app.state.registry
-    # Known apps from memory without a coroutine; a miss asks Redis (once, shared).
-    account = registry.known(app)
-    if account is None:
-        account = await registry.resolve(app)
-    if account is None:
-        raise NotFoundError(f"unknown app {app}", code="APP_NOT_FOUND")
-    refusal: Refusal | None = admit(request.app.state.admission, account)
+    account = await _account(request.app.state.registry, app)
+    gate: Admission = request.app.state.admission
+    decision = admit(gate, account)
+    refusal: Refusal | None
+    if isinstance(decision, Check):  # the copy cannot tell: a fresh read, off the loop
+        if action == "connect":
+            refusal = await gate.check_connection(account)
+        else:
+            refusal = await gate.check_channel(account, app, None)
+    else:
+        refusal = decision
     if refusal is None:
         body = b'{"RC":0,"RM":"OK","result":{"appId":%d,"action":"%s","allowed":true}}' % (
             int(app),

@@ -39,3 +39,11 @@ class PermissionDeniedError(MeteringError):
     status = 403
     code = "PERMISSION_DENIED"
     rm = "Forbidden"
+
+
+class UnavailableError(MeteringError):
+    """What the request needs cannot be told now; the same request may succeed later."""
+
+    status = 503
+    code = "UNAVAILABLE"
+    rm = "Service Unavailable"

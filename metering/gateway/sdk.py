@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Final
 
 import redis
@@ -156,6 +156,18 @@ class Meter:
             m = self._messages[app] = [0, 0, 0, 0]
         m[2] += count
         m[3] += nbytes * count
+
+    # -- what this frontend holds (an admission check's own share, read off the hot path) --
+
+    def connections_of(self, apps: Collection[str]) -> int:
+        """Connections open here of any of ``apps``."""
+        conns = self._conns
+        return sum(conns.get(f"{app}{suffix}", 0) for app in apps for suffix in _SUFFIX.values())
+
+    def channels_of(self, apps: Collection[str]) -> list[str]:
+        """The channels (``<app>|<channel>``) of any of ``apps`` active here."""
+        wanted = set(apps)
+        return [f for f in list(self._channels) if f.split("|", 1)[0] in wanted]
 
     @property
     def superseded(self) -> bool:

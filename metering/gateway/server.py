@@ -35,11 +35,12 @@ from metering.accounts.store import RegistryStore
 from metering.core import redis as redis_clients
 from metering.core.logging import get_logger
 from metering.core.settings import Settings
-from metering.gateway.admission import Admission
-from metering.gateway.registry import AppRegistry
+from metering.gateway.admission import Admission, Check, Evidence
+from metering.gateway.registry import AppRegistry, RegistryUnavailable
 from metering.gateway.sdk import Meter
 from metering.limits.store import AdmissionStore
 from metering.live.store import DatacenterStore, Transport
+from metering.live.wiring import datacenter_stores, global_store
 
 log = get_logger(__name__)
 
@@ -49,6 +50,7 @@ TOO_LARGE: Final = 40009
 BAD_CHANNEL: Final = 40010
 UNKNOWN_APP: Final = 40400
 SHUTTING_DOWN: Final = 50300
+REGISTRY_UNAVAILABLE: Final = 50301
 
 MAX_BATCH: Final = 100  # messages in one REST publish
 QUEUE_FRAMES: Final = 1024  # frames waiting for one client before it is dropped as too slow
@@ -206,7 +208,7 @@ class Gateway:
         if self.admission is not None:
             self.admission.connection_closed(conn.account)
 
-    def _attach(self, conn: _Connection, channel: str) -> None:
+    async def _attach(self, conn: _Connection, channel: str) -> None:
         if channel in conn.channels:
             return
         limit = self.settings.max_channels_per_connection
@@ -218,6 +220,10 @@ class Gateway:
         if not subscribers and self.admission is not None:
             # A channel new here may be a channel new to the account: one more active.
             refusal = self.admission.admit_channel(conn.account)
+            if isinstance(refusal, Check):
+                refusal = await self.admission.check_channel(conn.account, conn.app, channel)
+                if conn.closed or channel in conn.channels:
+                    return  # ended (or attached by a frame before) while the check read
             if refusal is not None:
                 self.meter.channel_refused(conn.app)
                 raise Rejected(refusal.code, refusal.reason, status=403)
@@ -290,11 +296,16 @@ class Gateway:
             return error_response(503, SHUTTING_DOWN, "gateway shutting down")
         if not app:
             return error_response(400, BAD_REQUEST, "missing app (?app=APP_ID)")
-        account = await self.registry.resolve(app)
+        try:
+            account = await self.registry.resolve(app)
+        except RegistryUnavailable as exc:
+            return error_response(503, REGISTRY_UNAVAILABLE, str(exc))
         if account is None:
             return error_response(404, UNKNOWN_APP, f"unknown app {app[:64]}")
         if connect and self.admission is not None:
             refusal = self.admission.admit_connection(account)
+            if isinstance(refusal, Check):
+                refusal = await self.admission.check_connection(account)
             if refusal is not None:
                 self.meter.connection_refused(app)
                 return error_response(403, refusal.code, refusal.reason)
@@ -383,13 +394,13 @@ class Gateway:
                 reply = _error_frame(BAD_REQUEST, "binary frames are not supported: send JSON text")
             else:
                 try:
-                    reply = self._handle(conn, text)
+                    reply = await self._handle(conn, text)
                 except Rejected as exc:
                     reply = _error_frame(exc.code, exc.message)
             if not conn.send(reply):
                 return
 
-    def _handle(self, conn: _Connection, text: str) -> str:
+    async def _handle(self, conn: _Connection, text: str) -> str:
         """Act on one client frame; returns the reply."""
         frame = _parse(text)
         if not isinstance(frame, dict):
@@ -402,7 +413,7 @@ class Gateway:
             return encode({"action": "published", "channel": channel})
         if action == "attach":
             channel = self._channel(frame.get("channel"))
-            self._attach(conn, channel)
+            await self._attach(conn, channel)
             return encode({"action": "attached", "channel": channel})
         if action == "detach":
             channel = self._channel(frame.get("channel"))
@@ -539,7 +550,7 @@ class _EventStream(Response):
         gateway._open(conn)
         try:
             for channel in self.channels:
-                gateway._attach(conn, channel)
+                await gateway._attach(conn, channel)
             hello = {"action": "connected", "connectionId": conn.id, "channels": self.channels}
             conn.send(_sse("connected", encode(hello)))
             await gateway._serve(conn, gateway._watch(receive, conn), write)
@@ -618,14 +629,26 @@ def build_registry(settings: Settings) -> AppRegistry:
     return AppRegistry(store, refresh_interval=settings.registry_refresh_interval.total_seconds())
 
 
-def build_admission(settings: Settings) -> Admission:
-    """The gateway's admission copy over the primary Redis (not started)."""
+def build_admission(
+    settings: Settings, registry: AppRegistry, meter: Meter | None = None
+) -> Admission:
+    """The admission copy over the primary Redis (not started), checking against every
+    datacenter's frontends; ``meter``'s own counts are read from memory (none for the API)."""
     store = AdmissionStore(redis_clients.sync_client(settings.redis_url), settings.redis_prefix)
+    evidence = Evidence(
+        list(datacenter_stores(settings).values()), global_store(settings), registry.apps_of
+    )
+    if meter is not None:
+        evidence.incarnation = meter.incarnation
+        evidence.connections_here = meter.connections_of
+        evidence.channels_here = meter.channels_of
     return Admission(
         store,
+        evidence=evidence,
         fail_open=settings.admission_fail_open,
         refresh_interval=settings.admission_refresh_interval.total_seconds(),
         stale_after=settings.admission_stale_after.total_seconds(),
+        heartbeat=settings.flush_interval.total_seconds(),
     )
 
 
@@ -715,7 +738,7 @@ async def serve_gateway(
             await asyncio.to_thread(registry.start)
             owned.append(registry.close)
         if admission is None:
-            admission = build_admission(settings)
+            admission = build_admission(settings, registry, meter)
             await asyncio.to_thread(admission.start)
             owned.append(admission.close)
         app = create_gateway_app(
@@ -727,6 +750,8 @@ async def serve_gateway(
             port=port,
             ws="websockets-sansio",
             ws_max_size=max_frame_bytes(settings),
+            ws_ping_interval=settings.gateway_ws_ping_interval.total_seconds(),
+            ws_ping_timeout=settings.gateway_ws_ping_timeout.total_seconds(),
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=GRACEFUL_TIMEOUT,

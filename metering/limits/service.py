@@ -241,7 +241,7 @@ class LiveLimits:
         self.after = after
         self.refresh = refresh
         self._admission: dict[int, AdmissionRow] = {}
-        self._version: int | None = None
+        self._version: str | None = None
         self._loaded_at = 0.0
 
     def _enforced(self) -> dict[int, AdmissionRow]:

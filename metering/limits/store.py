@@ -9,14 +9,18 @@ hash-tag group ``{<prefix>}``:
 - ``{p}:admission:live`` (hash): account id -> ``"<connections> <channels>"``: the live counts
   at the last tick of the enforced accounts within reach of a hard limit (at least half of it);
   an enforced account not listed is below half of each of its hard limits.
-- ``{p}:admission:version`` (string): incremented with every write of ``admission``, so that a
-  reader re-reads the hash only when it changed.
+- ``{p}:admission:version`` (string): a new random value with every write of ``admission``,
+  so that a reader re-reads the hash only when it changed (random, not a counter: a counter
+  restarted by an emptied Redis would repeat a version a reader already holds).
 - ``{p}:admission:notices`` (pub/sub channel): ``limits`` after ``admission`` changed,
-  ``live`` after a tick rewrote ``admission:live``.
+  ``live`` after a tick rewrote ``admission:live``, and ``check <account> <sender>`` from a
+  gateway that took the account near (or refused it at) a hard limit: the other gateways
+  check that account with a fresh read instead of trusting their copy until the next tick.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +29,7 @@ from metering.limits.repository import AdmissionRow
 
 LIMITS_NOTICE = "limits"
 LIVE_NOTICE = "live"
+CHECK_NOTICE = "check"
 _CHUNK = 10_000
 
 
@@ -79,23 +84,26 @@ class AdmissionStore:
         if replace:
             drop += [k for k in map(_s, self.client.hkeys(self.key)) if k not in keep]
         _put(pipe, self.key, keep, drop)
-        pipe.incr(self.version_key)
+        pipe.set(self.version_key, secrets.token_hex(8))
         pipe.publish(self.notices, LIMITS_NOTICE)
         pipe.execute()
 
     def read(self) -> dict[int, AdmissionRow]:
         return self.read_if_changed(None)[1] or {}
 
-    def read_if_changed(self, known: int | None) -> tuple[int, dict[int, AdmissionRow] | None]:
+    def read_if_changed(self, known: str | None) -> tuple[str, dict[int, AdmissionRow] | None]:
         """The version, and the rows unless the version is still ``known`` (then None)."""
-        version = int(self.client.get(self.version_key) or 0)
-        if known is not None and version == known:
-            return version, None
+        raw = self.client.get(self.version_key)
+        if known is not None and (raw is None or _s(raw) == known):
+            # No version at all: Redis lost the copy (restarted empty). Its absence says
+            # nothing about the limits; the last copy stands until the engine writes again.
+            return known, None
         pipe = self.client.pipeline(transaction=True)
         pipe.get(self.version_key)
         pipe.hgetall(self.key)
         version_raw, rows = pipe.execute()
-        return int(version_raw or 0), {int(_s(k)): decode_row(v) for k, v in rows.items()}
+        version = "" if version_raw is None else _s(version_raw)
+        return version, {int(_s(k)): decode_row(v) for k, v in rows.items()}
 
     def write_live(self, values: Mapping[int, tuple[int, int] | None]) -> None:
         """Set (or, for None, remove) accounts' live counts, then notify: gateways re-read."""
@@ -104,6 +112,9 @@ class AdmissionStore:
         _put(pipe, self.live_key, keep, [str(a) for a, v in values.items() if v is None])
         pipe.publish(self.notices, LIVE_NOTICE)
         pipe.execute()
+
+    def notify_check(self, account: int, sender: str) -> None:
+        self.client.publish(self.notices, f"{CHECK_NOTICE} {account} {sender}")
 
     def read_live(self) -> dict[int, tuple[int, int]]:
         out = {}

@@ -8,7 +8,7 @@ two in step. A datacenter's keys share the hash tag ``{<prefix>:<dc>}`` and the 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import islice
@@ -75,6 +75,7 @@ FLUSH = _Script("flush")
 DEREGISTER = _Script("deregister")
 PREPARE = _Script("prepare")
 READ = _Script("read")
+EVIDENCE = _Script("evidence")
 
 # A read reaps at most this many dead frontends; the tick reaps the rest within a second.
 MAX_REAP = 100
@@ -150,6 +151,17 @@ class Collected:
     seq: int
     conns: dict[str, tuple[int, int, int]]  # app -> (websocket, streaming, long_poll)
     channels: dict[str, bool]  # '<app>|<channel>' -> active here
+
+
+@dataclass(frozen=True, slots=True)
+class Frontends:
+    """One datacenter's frontends as a gateway weighing a refusal sees them (``evidence.lua``)."""
+
+    now: int  # ms, this Redis's clock
+    last_reap: int  # ms: when an incarnation was last reaped here (0: never)
+    seen: dict[str, int]  # every other live incarnation -> last seen (ms)
+    connections: dict[str, int]  # each of them -> its connections of the fields asked
+    held: list[bool]  # per channel asked: held by another incarnation
 
 
 class DatacenterStore:
@@ -236,6 +248,38 @@ class DatacenterStore:
         columns = [_ints(_joined(replies, apps)) for _ in range(3)]
         present = [v is not None for v in _joined(replies, channels)]
         return list(zip(*columns, strict=True)), present
+
+    def frontends(
+        self, incarnation: str, conn_fields: Sequence[str], channel_fields: Sequence[str]
+    ) -> Frontends:
+        """Every other incarnation with its last heartbeat and its connections of
+        ``conn_fields`` (``<app>|<t>``), and which of ``channel_fields`` another one holds."""
+        args: list[Any] = [incarnation, len(conn_fields), *conn_fields]
+        args += [len(channel_fields), *channel_fields]
+        raw = EVIDENCE(self.client, [self.base], args)
+        m = len(channel_fields)
+        held = [bool(int(v)) for v in raw[2 : 2 + m]]
+        rest = raw[2 + m :]
+        seen: dict[str, int] = {}
+        connections: dict[str, int] = {}
+        for i in range(0, len(rest), 3):
+            inc = _s(rest[i])
+            seen[inc] = int(float(_s(rest[i + 1])))
+            connections[inc] = int(rest[i + 2])
+        return Frontends(int(raw[0]), int(raw[1]), seen, connections, held)
+
+    def channels_of(
+        self, incarnation: str, apps: Collection[str], besides: Collection[str] = ()
+    ) -> int:
+        """How many channels of ``apps`` an incarnation holds, not counting those in
+        ``besides``: a scan of its whole hash, in steps that never block Redis for long
+        (only asked of a frontend gone silent)."""
+        total = 0
+        for raw, _ in self.client.hscan_iter(self.key(f"fe:{incarnation}:channels"), count=1000):
+            name = _s(raw)
+            if name.split("|", 1)[0] in apps and name not in besides:
+                total += 1
+        return total
 
     def incarnations(self) -> dict[str, int]:
         """Live incarnations and when each was last seen (ms, Redis clock)."""
@@ -468,6 +512,18 @@ class GlobalStore:
 
     def _value(self, scope: str, ident: str) -> LiveValue:
         return LiveValue(*_unpack(self.client.hget(self.key(f"live:{scope}"), ident)))
+
+    def channels_at_tick(self, account: str, fields: Sequence[str]) -> tuple[int, int, list[bool]]:
+        """As of the last tick, in one snapshot: its second (0: none yet), the account's
+        active channels, and which of ``fields`` (``<app>|<channel>``) were active."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hget(self.key("tick"), "second")
+        pipe.hget(self.key("live:accounts"), account)
+        _hmget_chunks(pipe, self.key("live:channels"), fields)
+        replies = iter(pipe.execute())
+        second, value = next(replies), next(replies)
+        active = [v is not None for v in _joined(replies, fields)]
+        return int(second or 0), _unpack(value)[3], active
 
     def app_value(self, app: str) -> LiveValue:
         return self._value("apps", app)

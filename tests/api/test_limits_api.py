@@ -16,10 +16,13 @@ from sqlalchemy import func, select
 from metering.accounts.models import ApiKey, Package, PackageChange
 from metering.api.app import create_app
 from metering.core.database import unit_of_work
+from metering.gateway.sdk import Meter
 from metering.limits.models import AlertDelivery, LimitAlert
 from metering.limits.repository import AdmissionRow, LimitsRepository
 from metering.limits.service import month_of
 from metering.limits.store import AdmissionStore
+from metering.live.service import tick
+from metering.live.wiring import datacenter_stores, global_store
 from tests.conftest import Env
 from tests.factories import Tenant, tenant
 
@@ -542,25 +545,48 @@ def test_connects_and_attaches_are_refused_at_the_live_hard_limit_and_lift_below
     result(
         client, staff.key, "PUT", f"/v1/accounts/{t.account_id}/package", json={"package": "small"}
     )
+    # A gateway holds the account at both limits, and a tick counted it.
+    dc = datacenter_stores(env.settings)["dc1"]
+    gw = Meter(dc, "gw-1", flush_interval=0.1)
+    for _ in range(4):
+        gw.connection_opened(str(t.app_id))
+    gw.channel_attached(str(t.app_id), "a")
+    gw.channel_attached(str(t.app_id), "b")
+    gw.start()
     store = AdmissionStore(env.redis, env.prefix)
-    store.write_live({t.account_id: (4, 2)})  # the last tick saw the account at both limits
 
-    refused = wait_decision(client, gateway, t.app_id, "connect", until=lambda d: not d["allowed"])
-    assert refused == {
-        "appId": t.app_id,
-        "action": "connect",
-        "allowed": False,
-        "code": 40111,
-        "reason": "account restricted (connection limits exceeded)",
-    }
-    attach = decide(client, gateway, t.app_id, "attach")
-    assert (attach["allowed"], attach["code"], "retryAfter" in attach) == (False, 40114, False)
-    assert decide(client, gateway, t.app_id, "publish")["allowed"] is True
+    def counted() -> None:  # a tick, and what it tells the gateways
+        time.sleep(1.01 - time.time() % 1)
+        tick(global_store(env.settings), {"dc1": dc}, liveness_timeout=3, sample_retention=9)
+        value = global_store(env.settings).account_value(str(t.account_id))
+        store.write_live({t.account_id: (value.connections, value.channels)})
 
-    # The next tick sees one connection fewer: one more may open, and it is counted.
-    store.write_live({t.account_id: (3, 2)})
-    wait_decision(client, gateway, t.app_id, "connect", until=lambda d: d["allowed"])
-    assert decide(client, gateway, t.app_id, "connect")["code"] == 40111
+    try:
+        counted()
+        refused = wait_decision(
+            client, gateway, t.app_id, "connect", until=lambda d: not d["allowed"]
+        )
+        assert refused == {
+            "appId": t.app_id,
+            "action": "connect",
+            "allowed": False,
+            "code": 40111,
+            "reason": "account restricted (connection limits exceeded)",
+        }
+        attach = decide(client, gateway, t.app_id, "attach")
+        assert (attach["allowed"], attach["code"], "retryAfter" in attach) == (False, 40114, False)
+        assert decide(client, gateway, t.app_id, "publish")["allowed"] is True
+
+        # One closes: one more may open. Refused again once the gateway holds it: the
+        # process answering holds no connections, so a grant is evidence once it is open.
+        gw.connection_closed(str(t.app_id))
+        counted()
+        wait_decision(client, gateway, t.app_id, "connect", until=lambda d: d["allowed"])
+        gw.connection_opened(str(t.app_id))
+        gw.flush()
+        assert decide(client, gateway, t.app_id, "connect")["code"] == 40111
+    finally:
+        gw.close()
 
 
 def test_bad_admission_questions_are_400s_and_unknown_apps_404s(

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import fakeredis
 import httpx
 import pytest
 import redis
@@ -29,10 +28,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from metering.accounts.store import RegistryStore
-from metering.gateway.registry import AppRegistry, valid_app_id
+from metering.gateway.registry import AppRegistry, RegistryUnavailable, valid_app_id
+from metering.gateway.sdk import Meter
 from metering.limits.repository import AdmissionRow
 from metering.limits.store import AdmissionStore
-from metering.live.store import DatacenterStore
+from metering.live.service import tick
+from metering.live.store import DatacenterStore, GlobalStore
 from metering.rollups.models import FRONTEND_COUNTERS
 from tests.scratch import REDIS_URL, delete_keys
 
@@ -99,7 +100,7 @@ def prefix() -> Iterator[str]:
     client = redis.Redis.from_url(REDIS_URL)
     client.ping()
     name = f"t{uuid.uuid4().hex[:8]}"
-    RegistryStore(client, name).publish({int(APP): 1, int(OTHER_APP): 1})
+    RegistryStore(client, name).publish({int(APP): 1, int(OTHER_APP): 1}, replace=True)
     yield name
     delete_keys(client, name)
     client.close()
@@ -428,8 +429,15 @@ def test_attaches_and_publishes_refused_by_the_limits_are_answered_and_counted(
     each channel attach refused counts as ``ch_refused``, each message as ``msg_refused`` (a
     refused REST batch: every message in it); a publish refused for a bad request counts none."""
     client = redis.Redis.from_url(REDIS_URL)
+    # The account holds 1 channel, its hard limit, on another frontend that stays alive;
+    # a tick counted it, and told the gateways.
+    other = Meter(DatacenterStore(client, prefix, "dc1"), "gw-other", flush_interval=0.1)
+    other.connection_opened(APP)
+    other.channel_attached(APP, "held")
+    other.start()
+    tick(GlobalStore(client, prefix), {"dc1": other.store}, liveness_timeout=3, sample_retention=9)
     limits = AdmissionStore(client, prefix)
-    limits.write_live({1: (0, 1)})  # the account holds 1 channel, its hard limit
+    limits.write_live({1: (1, 1)})
     month = datetime.now(UTC).strftime("%Y-%m")
     limits.write(
         {
@@ -438,7 +446,6 @@ def test_attaches_and_publishes_refused_by_the_limits_are_answered_and_counted(
             )
         }
     )
-    client.close()
     url = f"{gateway.http}/v1/apps/{APP}/messages"
 
     async def scenario() -> None:
@@ -460,14 +467,20 @@ def test_attaches_and_publishes_refused_by_the_limits_are_answered_and_counted(
             assert bad.status_code == 400  # refused as malformed, before the limits
         await ws.close()
 
-    asyncio.run(scenario())
-    # No tick runs here. The live counts it would write still say 1 channel, while this
-    # gateway took off the early channels it released when the socket closed (the attaches
-    # it let in before the account's limits reached it). So restate the counts as a tick
-    # would: the account still holds its one channel elsewhere.
-    client = redis.Redis.from_url(REDIS_URL)
-    AdmissionStore(client, prefix).write_live({1: (0, 1)})
-    client.close()
+    try:
+        asyncio.run(scenario())
+        # No tick runs here. Its next live counts would still say 1 channel, while this
+        # gateway took off the early channels it released when the socket closed (the
+        # attaches it let in before the account's limits reached it): restate them as a
+        # tick would.
+        limits.write_live({1: (1, 1)})
+        _refused_stream(gateway)
+    finally:
+        other.close()
+        client.close()
+
+
+def _refused_stream(gateway: Gateway) -> None:
     # A stream refused on its channel (the other app, the same account) ends with the error.
     # One let in before the restated counts reached the gateway stays open: closed, tried again.
     stream_url = f"{gateway.http}/v1/stream?app={OTHER_APP}&channel=y"
@@ -529,9 +542,18 @@ def test_app_ids_are_decimal_strings() -> None:
         assert not valid_app_id(bad), bad
 
 
-def test_registry_resolves_caches_and_remembers_misses() -> None:
-    store = RegistryStore(fakeredis.FakeRedis(), f"t{uuid.uuid4().hex[:8]}")
-    store.publish({1: 10})
+@pytest.fixture
+def registry_store() -> Iterator[RegistryStore]:
+    client = redis.Redis.from_url(REDIS_URL)
+    name = f"t{uuid.uuid4().hex[:8]}"
+    yield RegistryStore(client, name)
+    delete_keys(client, name)
+    client.close()
+
+
+def test_registry_resolves_caches_and_remembers_misses(registry_store: RegistryStore) -> None:
+    store = registry_store
+    store.publish({1: 10}, replace=True)
     registry = AppRegistry(store, refresh_interval=3600, negative_ttl=0.2)
     registry.start()
     try:
@@ -545,6 +567,7 @@ def test_registry_resolves_caches_and_remembers_misses() -> None:
             assert registry.lookups == 1
             assert await registry.resolve("2") == 20
             assert registry.lookups == 1
+            assert registry.apps_of(20) == ("2",)
 
             for _ in range(10):
                 assert await registry.resolve("3") is None
@@ -564,21 +587,62 @@ def test_registry_resolves_caches_and_remembers_misses() -> None:
         registry.close()
 
 
-def test_registry_without_redis_keeps_known_apps_and_refuses_the_rest() -> None:
-    store = RegistryStore(fakeredis.FakeRedis(), f"t{uuid.uuid4().hex[:8]}")
-    store.publish({1: 10})
+def test_registry_without_redis_keeps_known_apps_and_cannot_tell_the_rest(
+    registry_store: RegistryStore,
+) -> None:
+    store = registry_store
+    store.publish({1: 10}, replace=True)
     registry = AppRegistry(store, refresh_interval=0.05)
     registry.start()
+    real = store.client
     try:
         store.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens there
         time.sleep(0.2)  # refreshes fail; the loaded copy stays
 
         async def scenario() -> None:
             assert await registry.resolve("1") == 10
-            assert await registry.resolve("2") is None
+            with pytest.raises(RegistryUnavailable):  # unknown is not what Redis down says
+                await registry.resolve("2")
 
         asyncio.run(scenario())
         assert registry.lookups == 1
     finally:
         registry.close()
         store.client.close()
+        store.client = real
+
+
+def test_an_emptied_mirror_is_no_evidence_that_an_app_is_unknown(
+    registry_store: RegistryStore,
+) -> None:
+    store = registry_store
+    store.publish({1: 10, 2: 10}, replace=True)
+    registry = AppRegistry(store, refresh_interval=0.05, refill_wait=1.0)
+    registry.start()
+    try:
+        # Redis restarted empty; the next refresh sees nothing, then only a newly made app.
+        store.client.delete(store.key, store.synced_key)
+        time.sleep(0.2)
+        store.publish({4: 40})
+        time.sleep(0.2)
+        assert not store.complete()
+
+        async def scenario() -> None:
+            assert [await registry.resolve(a) for a in ("1", "2", "4")] == [10, 10, 40]
+            started = time.monotonic()
+            with pytest.raises(RegistryUnavailable):  # not in the copy: cannot tell yet
+                await registry.resolve("3")
+            assert time.monotonic() - started >= 0.9  # it waited for a refill first
+
+            async def refill() -> None:
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(store.publish, {1: 10, 2: 10, 3: 30, 4: 40}, replace=True)
+
+            waiting = asyncio.ensure_future(registry.resolve("3"))
+            await refill()
+            assert await waiting == 30  # refilled while it waited
+            assert await registry.resolve("5") is None  # the complete mirror lacks it: unknown
+
+        asyncio.run(scenario())
+    finally:
+        registry.close()
