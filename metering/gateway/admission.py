@@ -317,8 +317,12 @@ class Admission:
             except (redis.RedisError, OSError) as exc:
                 return self._unreadable(exc)
             tally = self._connections
-            if tally.held(account, tally.base.get(account, result.base)) < result.upto:
+            base = tally.base.get(account, result.base)
+            held = tally.held(account, base)
+            if held < result.upto:
                 tally.took(account)
+                if hard - held - 1 <= (hard - base) // 2:
+                    self._tell(account, reached=held + 1 >= hard)
                 return None
             if result.proven:
                 self._tell(account)
@@ -363,6 +367,8 @@ class Admission:
         if count < hard:
             self._settle(self._channels, account, count, False, hard)
             self._channels.took(account)
+            if hard - count - 1 <= (hard - count) // 2:
+                self._tell(account, reached=count + 1 >= hard)
             return None
         self._tell(account)
         return _CHANNELS

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from metering.accounts import service
+from metering.accounts.store import RegistryStore
 from metering.core import redis as redis_clients
 from metering.core.database import unit_of_work
 from metering.limits import staff
@@ -73,8 +77,9 @@ def outcome(clients: Clients, port: int, app_id: int, n: int) -> list[int]:
             ws = await connect(f"ws://127.0.0.1:{port}/v1/realtime?app={app_id}")
         except InvalidStatus as exc:
             status = exc.response.status_code
-            code = int(json.loads(exc.response.body or b"{}")["error"]["code"])
-            return code if status == 403 else status
+            if status != 403:
+                return status
+            return int(json.loads(exc.response.body or b"{}")["error"]["code"])
         assert json.loads(await ws.recv())["action"] == "connected"
         clients.open.append(ws)
         return ACCEPTED
@@ -166,3 +171,46 @@ def test_channels_are_refused_only_at_the_hard_limit_storm_or_not(
     assert [attach(clients, a2, f"c{i}") for i in (1, 2)] == [ACCEPTED] * 2
     assert attach(clients, a2, "n1") == ACCEPTED
     assert attach(clients, a2, "n2") == 40114
+
+
+def test_a_registry_redis_lost_is_refilled_and_never_means_unknown_app(
+    env: Env, tmp_path: Path, clients: Clients, start_gateway: Callable[..., processes.Process]
+) -> None:
+    t = tenant("stats", name="known")
+    celery = shutil.which("celery", path=str(processes.BIN))
+    assert celery
+    # As in production: the beat, and a worker running the tick and what it asks for.
+    beat = processes.Process(
+        [celery, "-A", "workers", "beat", "--loglevel", "INFO", "-s", str(tmp_path / "beat")],
+        env.child_env(), ready="beat: Starting", timeout=60,
+    )  # fmt: skip
+    worker = processes.Process(
+        [celery, "-A", "workers", "worker", "--loglevel", "INFO", "-Q", "live,celery",
+         "--concurrency", "2", "-n", f"w-{env.prefix}@%h"],
+        env.child_env(), ready="ready.", timeout=60,
+    )  # fmt: skip
+    try:
+        _refilled(env, clients, t, start_gateway)
+    finally:
+        worker.stop(timeout=30)
+        beat.stop()
+
+
+def _refilled(
+    env: Env, clients: Clients, t: Tenant, start_gateway: Callable[..., processes.Process]
+) -> None:
+    gw = start_gateway("gw-1", METERING_REGISTRY_REFRESH_INTERVAL="0.2")
+    assert outcome(clients, gw.port, t.app_id, 1) == [ACCEPTED]
+    # Redis restarted empty (the registry's keys gone) between two syncs, and an app is made
+    # meanwhile: the gateway's next refresh sees an empty mirror.
+    store = RegistryStore(redis_clients.primary(), env.prefix)
+    env.redis.delete(store.key, store.synced_key)
+    with unit_of_work() as session:
+        fresh = service.create_app(session, t.account_id, "fresh").id
+    time.sleep(0.5)
+    assert outcome(clients, gw.port, t.app_id, 3) == [ACCEPTED] * 3  # the last copy holds
+    # The tick notices within a second and asks for a full sync: the new app connects (a
+    # connect that came first waits for it), and an app that does not exist is unknown again.
+    assert outcome(clients, gw.port, fresh, 1) == [ACCEPTED]
+    until(store.complete, "the mirror refilled")
+    assert outcome(clients, gw.port, 987654321, 1) == [404]
